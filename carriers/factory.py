@@ -1,0 +1,51 @@
+"""Builds the adapter for a registry entry: protocol module + transport + auth from settings."""
+
+from __future__ import annotations
+
+import httpx
+
+from carriers.base import CarrierAdapter
+from carriers.http import HttpTransport, InteractionSink
+from carriers.loader import CarrierConfig
+from carriers.oneapi import OneApiAdapter
+from settings import Settings
+
+
+class CarrierConfigError(RuntimeError):
+    pass
+
+
+def carrier_secret(carrier: CarrierConfig, settings: Settings) -> str:
+    secret = settings.carrier_secrets.get(carrier.auth.secret_ref)
+    if secret is None:
+        raise CarrierConfigError(
+            f"carrier {carrier.id} needs secret {carrier.auth.secret_ref!r}: "
+            "set it in CB_CARRIER_SECRETS"
+        )
+    return secret.get_secret_value()
+
+
+def resolve_base_url(carrier: CarrierConfig, settings: Settings) -> str:
+    try:
+        return carrier.base_url.format(**settings.simulator_urls)
+    except KeyError as exc:
+        raise CarrierConfigError(
+            f"carrier {carrier.id}: base_url names {exc} which is not in CB_SIMULATOR_URLS"
+        ) from None
+
+
+def build_adapter(
+    carrier: CarrierConfig, settings: Settings, sink: InteractionSink
+) -> CarrierAdapter:
+    secret = carrier_secret(carrier, settings)
+    transport = HttpTransport(
+        carrier_id=carrier.id,
+        base_url=resolve_base_url(carrier, settings),
+        auth=httpx.BasicAuth(carrier.auth.username, secret),
+        timeout_seconds=min(carrier.timeout_seconds, settings.carrier_timeout_seconds),
+        secrets=[secret],
+        sink=sink,
+    )
+    if carrier.protocol == "oneapi":
+        return OneApiAdapter(transport)
+    raise CarrierConfigError(f"carrier {carrier.id}: unknown protocol {carrier.protocol!r}")

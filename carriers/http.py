@@ -1,0 +1,124 @@
+"""HTTP transport shared by the REST and SOAP adapters: auth, timeouts, interaction records."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+from pydantic import BaseModel
+
+from carriers.base import OperationResult, Outcome
+from carriers.redaction import redact
+
+
+class InteractionRecord(BaseModel):
+    carrier_id: str
+    operation: str
+    idempotency_key: str
+    method: str
+    url: str
+    request_body: str
+    status_code: int | None
+    response_body: str
+    outcome: str
+    error: str | None
+    latency_ms: int
+
+
+InteractionSink = Callable[[InteractionRecord], Awaitable[None]]
+
+
+async def discard_interaction(_record: InteractionRecord) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status_code: int
+    text: str
+    headers: httpx.Headers
+
+
+ReplyMapper = Callable[[HttpReply], OperationResult]
+
+
+class HttpTransport:
+    """Sends one request, maps the reply with a carrier-specific mapper and records the exchange.
+
+    Network failures are classified here, the same for every carrier: a request that never
+    reached the carrier is TRANSIENT, one that may have reached it is UNKNOWN.
+    """
+
+    def __init__(
+        self,
+        *,
+        carrier_id: str,
+        base_url: str,
+        auth: httpx.Auth | None,
+        timeout_seconds: float,
+        secrets: list[str],
+        sink: InteractionSink,
+    ) -> None:
+        self.carrier_id = carrier_id
+        self._secrets = secrets
+        self._sink = sink
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            auth=auth,
+            timeout=httpx.Timeout(timeout_seconds),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        )
+
+    async def send(
+        self,
+        *,
+        operation: str,
+        idempotency_key: str,
+        method: str,
+        path: str,
+        mapper: ReplyMapper,
+        json: object | None = None,
+        data: dict[str, str] | None = None,
+        content: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> OperationResult:
+        request = self._client.build_request(
+            method, path, json=json, data=data, content=content, headers=headers
+        )
+        started = time.perf_counter()
+        reply: HttpReply | None = None
+        error: str | None = None
+        try:
+            response = await self._client.send(request)
+            reply = HttpReply(response.status_code, response.text, response.headers)
+            result = mapper(reply)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            result = OperationResult(outcome=Outcome.TRANSIENT, message=f"not sent: {error}")
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            result = OperationResult(
+                outcome=Outcome.UNKNOWN, message=f"no answer after sending: {error}"
+            )
+        latency_ms = int((time.perf_counter() - started) * 1000)
+        await self._sink(
+            InteractionRecord(
+                carrier_id=self.carrier_id,
+                operation=operation,
+                idempotency_key=idempotency_key,
+                method=method,
+                url=redact(str(request.url), self._secrets),
+                request_body=redact(request.content.decode("utf-8", "replace"), self._secrets),
+                status_code=reply.status_code if reply else None,
+                response_body=redact(reply.text, self._secrets) if reply else "",
+                outcome=result.outcome.value,
+                error=error,
+                latency_ms=latency_ms,
+            )
+        )
+        return result
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

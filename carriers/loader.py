@@ -1,0 +1,190 @@
+"""Loads and validates the carrier registry (``carriers/registry/*.toml``)."""
+
+from __future__ import annotations
+
+import tomllib
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.money import MoneyError, exponent, from_decimal
+from models.tables import Period
+
+REGISTRY_DIR = Path(__file__).resolve().parent / "registry"
+
+
+class RegistryError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_zone(zone: str) -> str:
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA timezone {zone!r}") from None
+    return zone
+
+
+class CountryConfig(_Strict):
+    code: str = Field(pattern=r"^[A-Z]{2}$")
+    name: str
+    currency: str
+    timezones: list[str] = Field(min_length=1)
+    default_locale: str
+
+    @field_validator("currency")
+    @classmethod
+    def _known_currency(cls, value: str) -> str:
+        try:
+            exponent(value)
+        except MoneyError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("timezones")
+    @classmethod
+    def _zones(cls, value: list[str]) -> list[str]:
+        return [_check_zone(z) for z in value]
+
+
+class AuthConfig(_Strict):
+    kind: Literal["basic"]
+    # the user name the carrier issued us
+    username: str
+    # key into settings.carrier_secrets; the secret itself never lives in the registry
+    secret_ref: str
+
+
+class PricePointConfig(_Strict):
+    id: str
+    product: str
+    amount: Decimal = Field(gt=0)
+    period: Period
+    interval_seconds: int | None = Field(default=None, gt=0)
+    retry_schedule_seconds: list[int] = Field(default_factory=lambda: [3600, 21600, 86400])
+
+    @model_validator(mode="after")
+    def _interval_only_for_interval(self) -> PricePointConfig:
+        if (self.period is Period.INTERVAL) != (self.interval_seconds is not None):
+            raise ValueError("interval_seconds is required for, and only for, period 'interval'")
+        if any(d < 0 for d in self.retry_schedule_seconds):
+            raise ValueError("retry delays must not be negative")
+        return self
+
+
+class CarrierConfig(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: str
+    protocol: Literal["oneapi"]
+    base_url: str
+    auth: AuthConfig
+    timezone: str
+    locale: str
+    number_prefixes: list[str] = Field(default_factory=list)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    rate_limit_per_second: float = Field(default=50.0, gt=0)
+    price_points: list[PricePointConfig] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return _check_zone(value)
+
+    @field_validator("number_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix.startswith("+") or not prefix[1:].isdigit():
+                raise ValueError(f"number prefix {prefix!r} must be '+' and digits")
+        return value
+
+
+class RegistryFile(_Strict):
+    country: CountryConfig
+    carriers: list[CarrierConfig] = Field(min_length=1)
+
+
+class Registry(BaseModel):
+    countries: dict[str, CountryConfig]
+    carriers: dict[str, CarrierConfig]
+    # carrier id -> ISO country code
+    carrier_country: dict[str, str]
+
+    def country_of(self, carrier_id: str) -> CountryConfig:
+        return self.countries[self.carrier_country[carrier_id]]
+
+    def currency_of(self, carrier_id: str) -> str:
+        return self.country_of(carrier_id).currency
+
+    def route(self, msisdn: str) -> CarrierConfig | None:
+        """The carrier whose number range holds ``msisdn`` (longest prefix wins)."""
+        best: tuple[int, CarrierConfig] | None = None
+        for carrier in self.carriers.values():
+            for prefix in carrier.number_prefixes:
+                if msisdn.startswith(prefix) and (best is None or len(prefix) > best[0]):
+                    best = (len(prefix), carrier)
+        return best[1] if best else None
+
+    def amount_minor(self, carrier_id: str, price: PricePointConfig) -> int:
+        return from_decimal(price.amount, self.currency_of(carrier_id))
+
+
+def _format_error(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        lines.append(f"{path.name}: {where}: {err['msg']}")
+    return "invalid carrier registry:\n  " + "\n  ".join(lines)
+
+
+def load_registry(directory: Path = REGISTRY_DIR) -> Registry:
+    countries: dict[str, CountryConfig] = {}
+    carriers: dict[str, CarrierConfig] = {}
+    carrier_country: dict[str, str] = {}
+    price_ids: set[str] = set()
+    files = sorted(directory.glob("*.toml"))
+    if not files:
+        raise RegistryError(f"no registry files in {directory}")
+    for path in files:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise RegistryError(f"{path.name}: not valid TOML: {exc}") from None
+        try:
+            parsed = RegistryFile.model_validate(data)
+        except ValidationError as exc:
+            raise RegistryError(_format_error(path, exc)) from None
+        code = parsed.country.code
+        if code in countries:
+            raise RegistryError(f"{path.name}: country {code} is already described by another file")
+        countries[code] = parsed.country
+        for index, carrier in enumerate(parsed.carriers):
+            where = f"{path.name}: carriers.{index}"
+            if carrier.id in carriers:
+                raise RegistryError(f"{where}.id: carrier {carrier.id!r} is defined twice")
+            for p_index, price in enumerate(carrier.price_points):
+                if price.id in price_ids:
+                    raise RegistryError(
+                        f"{where}.price_points.{p_index}.id: price point {price.id!r} is defined twice"
+                    )
+                price_ids.add(price.id)
+                try:
+                    from_decimal(price.amount, parsed.country.currency)
+                except MoneyError as exc:
+                    raise RegistryError(f"{where}.price_points.{p_index}.amount: {exc}") from None
+            carriers[carrier.id] = carrier
+            carrier_country[carrier.id] = code
+    return Registry(countries=countries, carriers=carriers, carrier_country=carrier_country)
+
+
+@lru_cache(maxsize=1)
+def default_registry() -> Registry:
+    return load_registry()

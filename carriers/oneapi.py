@@ -1,0 +1,184 @@
+"""GSMA OneAPI Payment (REST/JSON): request and response mapping, and the adapter over HttpTransport.
+
+POST {base}/{endUserId}/transactions/amount with an ``amountTransaction``; the carrier answers
+201 with the transaction echoed, or a ``requestError`` holding a policy or service exception.
+A repeated ``clientCorrelator`` is answered with the original transaction, never a second debit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+from carriers.base import (
+    Capability,
+    CarrierAdapter,
+    ChargeRequest,
+    OperationResult,
+    Outcome,
+    RefundRequest,
+)
+from carriers.http import HttpReply, HttpTransport
+from models.money import format_major
+
+# policy/service exception ids and what they mean for us
+_EXCEPTION_OUTCOMES: dict[str, Outcome] = {
+    "POL1000": Outcome.INSUFFICIENT_FUNDS,  # insufficient credit
+    "POL1001": Outcome.REJECTED,  # operator spend limit for the period
+    "POL1002": Outcome.TRANSIENT,  # too soon after the previous charge
+    "POL0253": Outcome.REJECTED,  # user refused
+    "POL0001": Outcome.REJECTED,  # generic policy error (barred, blocked service)
+    "SVC0270": Outcome.REJECTED,  # charge not applied
+    "SVC0001": Outcome.REJECTED,
+    "SVC0002": Outcome.REJECTED,  # invalid input
+    "SVC0005": Outcome.UNKNOWN,  # correlator already used for another request
+}
+
+
+def end_user_id(msisdn: str) -> str:
+    return f"tel:{msisdn}"
+
+
+def transaction_path(msisdn: str) -> str:
+    return f"/{quote(end_user_id(msisdn), safe='')}/transactions/amount"
+
+
+def charge_body(request: ChargeRequest) -> dict[str, Any]:
+    return {
+        "amountTransaction": {
+            "clientCorrelator": request.idempotency_key,
+            "endUserId": end_user_id(request.msisdn),
+            "paymentAmount": {
+                "chargingInformation": {
+                    "amount": format_major(request.amount_minor, request.currency),
+                    "currency": request.currency,
+                    "description": request.description,
+                },
+            },
+            "referenceCode": request.reference_code,
+            "transactionOperationStatus": "Charged",
+        }
+    }
+
+
+def refund_body(request: RefundRequest) -> dict[str, Any]:
+    return {
+        "amountTransaction": {
+            "clientCorrelator": request.idempotency_key,
+            "endUserId": end_user_id(request.msisdn),
+            "originalServerReferenceCode": request.original_carrier_reference,
+            "paymentAmount": {
+                "chargingInformation": {
+                    "amount": format_major(request.amount_minor, request.currency),
+                    "currency": request.currency,
+                    "description": request.description,
+                },
+            },
+            "referenceCode": request.reference_code,
+            "transactionOperationStatus": "Refunded",
+        }
+    }
+
+
+def _retry_after(reply: HttpReply) -> float | None:
+    value = reply.headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
+    """Conservative: only an explicit success or a known exception is final; anything else is
+    UNKNOWN and gets settled by repeating the same clientCorrelator."""
+    try:
+        body = json.loads(reply.text) if reply.text else {}
+    except json.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        if reply.status_code in (429, 503):
+            return OperationResult(
+                outcome=Outcome.TRANSIENT,
+                carrier_code=str(reply.status_code),
+                message="carrier busy",
+                retry_after_seconds=_retry_after(reply),
+            )
+        return OperationResult(
+            outcome=Outcome.UNKNOWN,
+            carrier_code=str(reply.status_code),
+            message=f"malformed response (HTTP {reply.status_code})",
+        )
+    if 200 <= reply.status_code < 300:
+        transaction = body.get("amountTransaction")
+        if not isinstance(transaction, dict):
+            return OperationResult(outcome=Outcome.UNKNOWN, message="no amountTransaction in reply")
+        status = transaction.get("transactionOperationStatus")
+        reference = transaction.get("serverReferenceCode")
+        if status == expected_status and reference:
+            return OperationResult(outcome=Outcome.SUCCEEDED, carrier_reference=str(reference))
+        return OperationResult(
+            outcome=Outcome.UNKNOWN, message=f"transactionOperationStatus {status!r}"
+        )
+    error = body.get("requestError")
+    if isinstance(error, dict):
+        exception = error.get("policyException") or error.get("serviceException")
+        if isinstance(exception, dict):
+            message_id = str(exception.get("messageId", ""))
+            outcome = _EXCEPTION_OUTCOMES.get(message_id)
+            if outcome is None:
+                # an unlisted policy refusal is final; an unlisted service error is not known
+                outcome = Outcome.REJECTED if message_id.startswith("POL") else Outcome.UNKNOWN
+            return OperationResult(
+                outcome=outcome,
+                carrier_code=message_id,
+                message=str(exception.get("text", "")),
+                retry_after_seconds=_retry_after(reply),
+            )
+    if reply.status_code in (401, 403):
+        return OperationResult(
+            outcome=Outcome.REJECTED, carrier_code=str(reply.status_code), message="not authorised"
+        )
+    if reply.status_code in (429, 503):
+        return OperationResult(
+            outcome=Outcome.TRANSIENT,
+            carrier_code=str(reply.status_code),
+            message="carrier busy",
+            retry_after_seconds=_retry_after(reply),
+        )
+    return OperationResult(
+        outcome=Outcome.UNKNOWN,
+        carrier_code=str(reply.status_code),
+        message=f"unexpected HTTP {reply.status_code}",
+    )
+
+
+class OneApiAdapter(CarrierAdapter):
+    capabilities = frozenset({Capability.CHARGE, Capability.REFUND})
+
+    def __init__(self, transport: HttpTransport) -> None:
+        self.carrier_id = transport.carrier_id
+        self._transport = transport
+
+    async def charge(self, request: ChargeRequest) -> OperationResult:
+        return await self._transport.send(
+            operation="charge",
+            idempotency_key=request.idempotency_key,
+            method="POST",
+            path=transaction_path(request.msisdn),
+            json=charge_body(request),
+            mapper=lambda reply: map_reply(reply, "Charged"),
+        )
+
+    async def refund(self, request: RefundRequest) -> OperationResult:
+        return await self._transport.send(
+            operation="refund",
+            idempotency_key=request.idempotency_key,
+            method="POST",
+            path=transaction_path(request.msisdn),
+            json=refund_body(request),
+            mapper=lambda reply: map_reply(reply, "Refunded"),
+        )
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

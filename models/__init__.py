@@ -1,0 +1,1 @@
+"""Tables, money and MSISDN helpers, and database access."""

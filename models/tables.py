@@ -1,0 +1,163 @@
+"""Database tables. Amounts are integer minor units; MSISDNs are E.164 strings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Period(StrEnum):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+    ONE_OFF = "one_off"
+    # fixed number of seconds between charges: demo and benchmark plans
+    INTERVAL = "interval"
+
+
+class SubscriptionStatus(StrEnum):
+    ACTIVE = "active"
+    PAST_DUE = "past_due"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+
+
+LIVE_SUBSCRIPTION_STATUSES = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
+
+
+class LedgerKind(StrEnum):
+    CHARGE = "charge"
+    REFUND = "refund"
+
+
+class Country(SQLModel, table=True):
+    code: str = Field(primary_key=True, max_length=2)
+    name: str
+    currency: str = Field(max_length=3)
+    timezones: str = Field(description="comma-separated IANA zones, the first is the default")
+    default_locale: str
+
+
+class Carrier(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    name: str
+    country_code: str = Field(foreign_key="country.code", index=True)
+    protocol: str
+    base_url: str
+    auth_kind: str
+    currency: str = Field(max_length=3)
+    timezone: str
+
+
+class Subscriber(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    msisdn: str = Field(unique=True, index=True, max_length=16)
+    carrier_id: str = Field(foreign_key="carrier.id", index=True)
+    timezone: str
+    locale: str
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+
+
+class Product(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    name: str
+
+
+class ProductVariant(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    product_id: str = Field(foreign_key="product.id", index=True)
+    name: str
+    sku: str = Field(unique=True)
+
+
+class PricePoint(SQLModel, table=True):
+    __table_args__ = (
+        sa.CheckConstraint("amount_minor > 0", name="price_point_amount_positive"),
+        sa.UniqueConstraint("product_id", "carrier_id", "period", "amount_minor", "currency"),
+    )
+
+    id: str = Field(primary_key=True)
+    product_id: str = Field(foreign_key="product.id", index=True)
+    carrier_id: str = Field(foreign_key="carrier.id", index=True)
+    amount_minor: int
+    currency: str = Field(max_length=3)
+    period: Period = Field(sa_type=sa.String(16))
+    interval_seconds: int | None = None
+    # delays, in seconds after the due time, of the retries after insufficient funds
+    retry_schedule_seconds: str = Field(default="3600,21600,86400")
+
+    def retry_delays(self) -> list[int]:
+        return [int(s) for s in self.retry_schedule_seconds.split(",") if s.strip()]
+
+
+class Subscription(SQLModel, table=True):
+    __table_args__ = (
+        # a subscriber holds at most one live subscription per product
+        sa.Index(
+            "one_live_subscription_per_product",
+            "subscriber_id",
+            "product_id",
+            unique=True,
+            sqlite_where=sa.text("status IN ('active', 'past_due')"),
+            postgresql_where=sa.text("status IN ('active', 'past_due')"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    subscriber_id: int = Field(foreign_key="subscriber.id", index=True)
+    product_id: str = Field(foreign_key="product.id")
+    price_point_id: str = Field(foreign_key="pricepoint.id")
+    status: SubscriptionStatus = Field(sa_type=sa.String(16), default=SubscriptionStatus.ACTIVE)
+    started_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+    ended_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+
+    @property
+    def workflow_id(self) -> str:
+        return f"subscription-{self.id}"
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Append-only: the database refuses UPDATE and DELETE (see the migration's triggers)."""
+
+    __table_args__ = (
+        sa.CheckConstraint("amount_minor > 0", name="ledger_amount_positive"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    idempotency_key: str = Field(unique=True, max_length=128)
+    kind: LedgerKind = Field(sa_type=sa.String(8))
+    subscription_id: int = Field(foreign_key="subscription.id", index=True)
+    cycle: int
+    carrier_id: str = Field(foreign_key="carrier.id", index=True)
+    amount_minor: int
+    currency: str = Field(max_length=3)
+    carrier_reference: str
+    # the charge a refund reverses
+    refunds_entry_id: int | None = Field(default=None, foreign_key="ledgerentry.id")
+    due_at: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    committed_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+
+
+class CarrierInteraction(SQLModel, table=True):
+    """One request/response exchange with a carrier, with secrets removed and MSISDNs masked."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    carrier_id: str = Field(index=True)
+    operation: str
+    idempotency_key: str = Field(index=True, max_length=128)
+    method: str
+    url: str
+    request_body: str
+    status_code: int | None = None
+    response_body: str
+    outcome: str
+    error: str | None = None
+    latency_ms: int
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))

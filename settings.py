@@ -1,0 +1,50 @@
+"""Process settings, read from the environment (prefix ``CB_``) and an optional ``.env`` file."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CB_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: str = f"sqlite:///{PROJECT_ROOT / '.data' / 'billing.db'}"
+
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "subscription-billing"
+
+    # Base URLs that registry endpoints refer to by name, e.g. "{oneapi}/acme-fr".
+    simulator_urls: dict[str, str] = Field(
+        default_factory=lambda: {"oneapi": "http://127.0.0.1:8701"}
+    )
+    # Carrier credentials by the registry's secret reference; never written to the registry.
+    carrier_secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
+    carrier_timeout_seconds: float = 10.0
+    max_concurrent_activities: int = 200
+    max_concurrent_workflow_tasks: int = 200
+
+    opensearch_url: str | None = None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def venv_binary(name: str) -> str:
+    """Path of a console binary installed beside this interpreter (temporal, temporal-test-server)."""
+    path = Path(sys.prefix) / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found at {path}; run `make install`")
+    return str(path)

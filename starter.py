@@ -1,0 +1,333 @@
+"""The typed client services use to start, describe, cancel and refund subscriptions; and a CLI.
+
+Every request is validated before anything is written: a refused request leaves no row and
+starts no workflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+
+from activities.messages import RefundOutput
+from carriers.loader import Registry, default_registry
+from models import ledger
+from models.db import make_engine
+from models.money import MoneyError, exponent, from_decimal
+from models.msisdn import MsisdnError, normalize_msisdn
+from models.tables import (
+    Carrier,
+    Period,
+    PricePoint,
+    Product,
+    Subscriber,
+    Subscription,
+    SubscriptionStatus,
+)
+from settings import Settings, get_settings
+from workflows import search_attributes as sa
+from workflows.refund import RefundWorkflow, refund_workflow_id
+from workflows.subscription import SubscriptionWorkflow
+from workflows.types import BillingState, Plan, RefundRequestInput, SubscriptionInput
+
+
+class SubscriptionRequestError(ValueError):
+    """The request was refused; nothing was written."""
+
+
+class StartSubscriptionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    msisdn: str
+    product_id: str = Field(min_length=1)
+    # the price the subscriber agreed to, in minor units; must match a registered price point
+    amount_minor: int = Field(gt=0)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    period: Period
+    carrier_id: str | None = None
+    first_charge_at: datetime | None = None
+    cycles_per_run: int = Field(default=24, ge=1, le=500)
+
+    @field_validator("first_charge_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return value
+        if value.tzinfo is None:
+            raise ValueError("first_charge_at must carry a timezone")
+        if value < datetime.now(UTC) - timedelta(minutes=5):
+            raise ValueError("first_charge_at is in the past")
+        return value
+
+
+class StartedSubscription(BaseModel):
+    subscription_id: int
+    workflow_id: str
+    carrier_id: str
+    price_point_id: str
+
+
+class SubscriptionView(BaseModel):
+    subscription_id: int
+    workflow_id: str
+    status: str
+    next_charge_at: datetime | None
+    next_cycle: int
+    charges_succeeded: int
+    cycles_failed: int
+    amount_charged_minor: int
+    currency: str
+    recent_cycles: list[dict[str, Any]]
+
+
+class SubscriptionClient:
+    def __init__(self, client: Client, engine: Engine, registry: Registry, task_queue: str) -> None:
+        self.client = client
+        self.engine = engine
+        self.registry = registry
+        self.task_queue = task_queue
+
+    @classmethod
+    async def connect(cls, settings: Settings | None = None) -> SubscriptionClient:
+        settings = settings or get_settings()
+        client = await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace
+        )
+        return cls(client, make_engine(settings.database_url), default_registry(),
+                   settings.task_queue)
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def _validated(self, request: StartSubscriptionRequest) -> tuple[str, Carrier, PricePoint]:
+        try:
+            msisdn = normalize_msisdn(request.msisdn)
+        except MsisdnError as exc:
+            raise SubscriptionRequestError(str(exc)) from None
+        try:
+            exponent(request.currency)
+        except MoneyError as exc:
+            raise SubscriptionRequestError(str(exc)) from None
+        carrier_id = request.carrier_id
+        if carrier_id is None:
+            routed = self.registry.route(msisdn)
+            if routed is None:
+                raise SubscriptionRequestError(f"no carrier serves the number range of {msisdn}")
+            carrier_id = routed.id
+        with Session(self.engine) as session:
+            carrier = session.get(Carrier, carrier_id)
+            if carrier is None:
+                raise SubscriptionRequestError(f"unknown carrier {carrier_id!r}")
+            if session.get(Product, request.product_id) is None:
+                raise SubscriptionRequestError(f"unknown product {request.product_id!r}")
+            if request.currency != carrier.currency:
+                raise SubscriptionRequestError(
+                    f"currency mismatch: {carrier.id} bills in {carrier.currency}, "
+                    f"not {request.currency}"
+                )
+            price = session.exec(
+                select(PricePoint).where(
+                    PricePoint.product_id == request.product_id,
+                    PricePoint.carrier_id == carrier.id,
+                    PricePoint.period == request.period,
+                    PricePoint.amount_minor == request.amount_minor,
+                    PricePoint.currency == request.currency,
+                )
+            ).first()
+            if price is None:
+                raise SubscriptionRequestError(
+                    f"no {request.period.value} price point of {request.amount_minor} "
+                    f"{request.currency} minor units for {request.product_id} on {carrier.id}"
+                )
+            return msisdn, carrier, price
+
+    def _insert(self, msisdn: str, carrier: Carrier, price: PricePoint) -> Subscription:
+        with Session(self.engine) as session:
+            subscriber = session.exec(select(Subscriber).where(Subscriber.msisdn == msisdn)).first()
+            if subscriber is None:
+                country = self.registry.country_of(carrier.id)
+                subscriber = Subscriber(msisdn=msisdn, carrier_id=carrier.id,
+                                        timezone=carrier.timezone, locale=country.default_locale)
+                session.add(subscriber)
+                session.flush()
+            assert subscriber.id is not None
+            subscription = Subscription(subscriber_id=subscriber.id, product_id=price.product_id,
+                                        price_point_id=price.id)
+            session.add(subscription)
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                raise SubscriptionRequestError(
+                    f"{msisdn} already has a live subscription to {price.product_id}"
+                ) from None
+            session.refresh(subscription)
+            return subscription
+
+    async def start_subscription(self, request: StartSubscriptionRequest) -> StartedSubscription:
+        msisdn, carrier, price = await asyncio.to_thread(self._validated, request)
+        subscription = await asyncio.to_thread(self._insert, msisdn, carrier, price)
+        assert subscription.id is not None
+        workflow_input = SubscriptionInput(
+            subscription_id=subscription.id,
+            subscriber_id=subscription.subscriber_id,
+            carrier_id=carrier.id,
+            country_code=carrier.country_code,
+            product_id=price.product_id,
+            price_point_id=price.id,
+            plan=Plan(
+                period=Period(price.period).value,
+                amount_minor=price.amount_minor,
+                currency=price.currency,
+                retry_delays_seconds=price.retry_delays(),
+                interval_seconds=price.interval_seconds,
+            ),
+            first_charge_at=request.first_charge_at,
+            cycles_per_run=request.cycles_per_run,
+        )
+        try:
+            await self.client.start_workflow(
+                SubscriptionWorkflow.run,
+                workflow_input,
+                id=subscription.workflow_id,
+                task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                search_attributes=TypedSearchAttributes([
+                    SearchAttributePair(sa.CARRIER_ID, carrier.id),
+                    SearchAttributePair(sa.COUNTRY_CODE, carrier.country_code),
+                    SearchAttributePair(sa.PRODUCT_ID, price.product_id),
+                    SearchAttributePair(sa.SUBSCRIPTION_STATUS, SubscriptionStatus.ACTIVE.value),
+                ]),
+                static_summary=f"{price.product_id} {Period(price.period).value} on {carrier.id}",
+            )
+        except BaseException:
+            # no workflow, so no live subscription: free the subscriber+product slot
+            await asyncio.to_thread(self._abandon, subscription.id)
+            raise
+        return StartedSubscription(subscription_id=subscription.id,
+                                   workflow_id=subscription.workflow_id,
+                                   carrier_id=carrier.id, price_point_id=price.id)
+
+    def _abandon(self, subscription_id: int) -> None:
+        with Session(self.engine) as session:
+            subscription = session.get(Subscription, subscription_id)
+            if subscription is not None:
+                session.delete(subscription)
+                session.commit()
+
+    # -- the rest -------------------------------------------------------------------------------
+
+    def handle(self, subscription_id: int) -> WorkflowHandle[SubscriptionWorkflow, BillingState]:
+        return self.client.get_workflow_handle_for(
+            SubscriptionWorkflow.run, f"subscription-{subscription_id}"
+        )
+
+    async def cancel_subscription(self, subscription_id: int) -> BillingState:
+        return await self.handle(subscription_id).execute_update(SubscriptionWorkflow.cancel)
+
+    async def describe_subscription(self, subscription_id: int) -> SubscriptionView:
+        state = await self.handle(subscription_id).query(SubscriptionWorkflow.state)
+        with Session(self.engine) as session:
+            subscription = session.get(Subscription, subscription_id)
+            price = session.get(PricePoint, subscription.price_point_id) if subscription else None
+        live = state.status not in ("cancelled", "completed")
+        return SubscriptionView(
+            subscription_id=subscription_id,
+            workflow_id=f"subscription-{subscription_id}",
+            status=state.status,
+            next_charge_at=state.next_charge_at if live else None,
+            next_cycle=state.next_cycle,
+            charges_succeeded=state.charges_succeeded,
+            cycles_failed=state.cycles_failed,
+            amount_charged_minor=state.amount_charged_minor,
+            currency=price.currency if price else "",
+            recent_cycles=[asdict(c) for c in state.recent_cycles],
+        )
+
+    def _check_refundable(self, subscription_id: int, cycle: int) -> None:
+        with Session(self.engine) as session:
+            charge = ledger.charge_for_cycle(session, subscription_id, cycle)
+            if charge is None:
+                raise SubscriptionRequestError(
+                    f"subscription {subscription_id} has no charge for cycle {cycle}"
+                )
+            if ledger.refund_of(session, charge) is not None:
+                raise SubscriptionRequestError(
+                    f"cycle {cycle} of subscription {subscription_id} is already refunded"
+                )
+
+    async def refund(
+        self, subscription_id: int, cycle: int, reason: str = "customer refund"
+    ) -> RefundOutput:
+        await asyncio.to_thread(self._check_refundable, subscription_id, cycle)
+        # the workflow id is the guard against two refunds racing for the same cycle
+        return await self.client.execute_workflow(
+            RefundWorkflow.run,
+            RefundRequestInput(subscription_id, cycle, reason),
+            id=refund_workflow_id(subscription_id, cycle),
+            task_queue=self.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+
+
+def _parse_amount(text: str, currency: str) -> int:
+    try:
+        return from_decimal(text, currency)
+    except MoneyError as exc:
+        raise SubscriptionRequestError(str(exc)) from None
+
+
+async def _cli(args: argparse.Namespace) -> Any:
+    client = await SubscriptionClient.connect()
+    if args.command == "start":
+        request = StartSubscriptionRequest(
+            msisdn=args.msisdn, product_id=args.product,
+            amount_minor=_parse_amount(args.amount, args.currency), currency=args.currency,
+            period=Period(args.period), carrier_id=args.carrier,
+        )
+        return (await client.start_subscription(request)).model_dump()
+    if args.command == "cancel":
+        return asdict(await client.cancel_subscription(args.subscription_id))
+    if args.command == "describe":
+        return (await client.describe_subscription(args.subscription_id)).model_dump()
+    if args.command == "refund":
+        return asdict(await client.refund(args.subscription_id, args.cycle, args.reason))
+    raise AssertionError(args.command)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Start, describe, cancel and refund subscriptions")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start")
+    start.add_argument("--msisdn", required=True)
+    start.add_argument("--product", required=True)
+    start.add_argument("--amount", required=True, help="in major units, e.g. 4.99")
+    start.add_argument("--currency", required=True)
+    start.add_argument("--period", required=True, choices=[p.value for p in Period])
+    start.add_argument("--carrier")
+    for name in ("cancel", "describe"):
+        commands.add_parser(name).add_argument("subscription_id", type=int)
+    refund = commands.add_parser("refund")
+    refund.add_argument("subscription_id", type=int)
+    refund.add_argument("cycle", type=int)
+    refund.add_argument("--reason", default="customer refund")
+    args = parser.parse_args()
+    try:
+        result = asyncio.run(_cli(args))
+    except (SubscriptionRequestError, ValidationError) as exc:
+        raise SystemExit(f"refused: {exc}") from None
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Shared fixtures: a real simulator on a socket, the time-skipping Temporal server, a worker,
+and databases (a SQLite file and a private PostgreSQL server)."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from sqlalchemy.engine import Engine
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from carriers.loader import default_registry
+from carriers.pool import AdapterPool
+from models.db import make_engine
+from models.interactions import InteractionStore
+from settings import Settings, venv_binary
+from simulators.oneapi_server import OneApiSimulator, carriers_from_registry, start_simulator
+from starter import SubscriptionClient
+from tests.postgres import private_postgres
+from worker import build_worker, prepare_database
+from workflows import search_attributes as sa
+
+
+@pytest.fixture(scope="session")
+def carrier_secrets() -> dict[str, str]:
+    registry = default_registry()
+    return {c.auth.secret_ref: secrets.token_urlsafe(16) for c in registry.carriers.values()}
+
+
+@dataclass
+class Simulator:
+    sim: OneApiSimulator
+    url: str
+
+    async def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            if body is None:
+                response = await client.get(f"/_control/{path}")
+            else:
+                response = await client.post(f"/_control/{path}", json=body)
+            response.raise_for_status()
+            return response.json()
+
+    async def set_balance(self, carrier: str, msisdn: str, balance: str) -> None:
+        await self.control("accounts", {"carrier": carrier, "msisdn": msisdn, "balance": balance})
+
+    async def fault(self, carrier: str, kind: str, msisdn: str | None = None, count: int = 1,
+                    delay_seconds: float = 0) -> None:
+        await self.control("faults", {"carrier": carrier, "kind": kind, "msisdn": msisdn,
+                                      "count": count, "delay_seconds": delay_seconds})
+
+    async def transactions(self, carrier: str, msisdn: str) -> list[dict[str, Any]]:
+        books = await self.control(f"books?carrier={carrier}")
+        return [t for t in books[carrier]["transactions"] if t["msisdn"] == msisdn]
+
+    async def balance(self, carrier: str, msisdn: str) -> Decimal:
+        books = await self.control(f"books?carrier={carrier}")
+        return Decimal(books[carrier]["accounts"][msisdn])
+
+
+@pytest.fixture(scope="session")
+async def simulator(carrier_secrets: dict[str, str]) -> AsyncIterator[Simulator]:
+    sim = OneApiSimulator(carriers_from_registry(carrier_secrets), Decimal("1000"))
+    runner, port = await start_simulator(sim)
+    yield Simulator(sim, f"http://127.0.0.1:{port}")
+    await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'billing.db'}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with private_postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, str]) -> Settings:
+    return Settings(
+        database_url=sqlite_url,
+        task_queue=f"test-{uuid.uuid4()}",
+        simulator_urls={"oneapi": simulator.url},
+        carrier_secrets={k: SecretStr(v) for k, v in carrier_secrets.items()},
+        carrier_timeout_seconds=2.0,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = prepare_database(settings, default_registry())
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=venv_binary("temporal-test-server")
+    )
+    # an upsert of an unregistered attribute would fail the workflow task and stall time
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={k.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for k in sa.ALL},
+        )
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def worker(
+    temporal_env: WorkflowEnvironment, settings: Settings, engine: Engine
+) -> AsyncIterator[Worker]:
+    adapters = AdapterPool(default_registry(), settings, InteractionStore(engine).record)
+    async with build_worker(temporal_env.client, settings, engine, adapters) as running:
+        yield running
+    await adapters.aclose()
+
+
+@pytest.fixture(scope="session")
+def client(temporal_env: WorkflowEnvironment, worker: Worker, engine: Engine,
+           settings: Settings) -> SubscriptionClient:
+    return SubscriptionClient(temporal_env.client, engine, default_registry(), settings.task_queue)
+
+
+@pytest.fixture(scope="session")
+def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+_numbers = iter(range(1_000_000, 9_999_999))
+
+
+@pytest.fixture
+def fr_msisdn() -> str:
+    """A fresh, valid French mobile number on carrier fr-azur (+3361...)."""
+    return f"+3361{next(_numbers):07d}"
+
+
+def sqlite_file(url: str) -> Path:
+    return Path(url.split("///", 1)[1])
+
+
+def fresh_engine(url: str) -> Engine:
+    return make_engine(url)

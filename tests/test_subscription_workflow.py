@@ -1,0 +1,204 @@
+"""SubscriptionWorkflow on the time-skipping server, charging the simulator over real sockets."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+from temporalio.api.enums.v1 import EventType
+from temporalio.testing import WorkflowEnvironment
+
+from models.tables import CarrierInteraction, LedgerEntry, Period, Subscription
+from starter import StartSubscriptionRequest, SubscriptionClient
+from tests.conftest import Simulator
+from workflows.subscription import SubscriptionWorkflow
+
+CARRIER = "fr-azur"
+
+
+def monthly(msisdn: str, first: datetime, cycles_per_run: int = 24) -> StartSubscriptionRequest:
+    return StartSubscriptionRequest(
+        msisdn=msisdn, product_id="game-pass", amount_minor=499, currency="EUR",
+        period=Period.MONTHLY, first_charge_at=first, cycles_per_run=cycles_per_run,
+    )
+
+
+async def next_jan_31(env: WorkflowEnvironment) -> datetime:
+    """31 January after the test server's clock, which earlier tests have moved on."""
+    year = (await env.get_current_time()).year + 1
+    return datetime(year, 1, 31, 9, 30, tzinfo=UTC)
+
+
+def ledger_of(engine: Engine, subscription_id: int) -> list[LedgerEntry]:
+    with Session(engine) as session:
+        return list(session.exec(
+            select(LedgerEntry).where(LedgerEntry.subscription_id == subscription_id)
+            .order_by(LedgerEntry.cycle)  # type: ignore[arg-type]
+        ))
+
+
+async def test_monthly_subscription_bills_each_calendar_month_for_a_year(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, fr_msisdn: str,
+) -> None:
+    first = await next_jan_31(temporal_env)
+    started = await client.start_subscription(monthly(fr_msisdn, first))
+    handle = client.handle(started.subscription_id)
+
+    # sleep past the 12th due date (31 Dec) but before the 13th (31 Jan)
+    await temporal_env.sleep(first + timedelta(days=345) - await temporal_env.get_current_time())
+    state = await handle.query(SubscriptionWorkflow.state)
+    assert state.charges_succeeded == 12
+    assert state.next_cycle == 13
+
+    entries = ledger_of(engine, started.subscription_id)
+    year = first.year
+    expected_days = [31, 28 + (year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)),
+                     31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+    assert [(e.due_at.year, e.due_at.month, e.due_at.day) for e in entries] == [
+        (year, month, day) for month, day in zip(range(1, 13), expected_days, strict=True)
+    ]
+    assert all(e.amount_minor == 499 and e.currency == "EUR" for e in entries)
+
+    books = await simulator.transactions(CARRIER, fr_msisdn)
+    assert len(books) == 12
+    assert sum(Decimal(t["amount"]) for t in books) == Decimal("59.88")
+    assert sum(e.amount_minor for e in entries) == 5988
+    assert {t["serverReferenceCode"] for t in books} == {e.carrier_reference for e in entries}
+    assert await simulator.balance(CARRIER, fr_msisdn) == Decimal("1000") - Decimal("59.88")
+    await client.cancel_subscription(started.subscription_id)
+
+
+async def test_cancel_mid_year_stops_all_future_billing(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, fr_msisdn: str,
+) -> None:
+    first = await next_jan_31(temporal_env)
+    started = await client.start_subscription(monthly(fr_msisdn, first))
+    await temporal_env.sleep(first + timedelta(days=100) - await temporal_env.get_current_time())
+
+    state = await client.cancel_subscription(started.subscription_id)
+    assert state.status == "cancelled"
+    assert state.charges_succeeded == 4  # Jan, Feb, Mar, Apr
+
+    await temporal_env.sleep(timedelta(days=400))
+    result = await client.handle(started.subscription_id).result()
+    assert result.charges_succeeded == 4
+    assert len(ledger_of(engine, started.subscription_id)) == 4
+    assert len(await simulator.transactions(CARRIER, fr_msisdn)) == 4
+    with Session(engine) as session:
+        row = session.get(Subscription, started.subscription_id)
+        assert row is not None and row.status == "cancelled" and row.ended_at is not None
+
+
+async def test_insufficient_funds_retries_on_schedule_then_fails_the_cycle(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, fr_msisdn: str,
+) -> None:
+    await simulator.set_balance(CARRIER, fr_msisdn, "1.00")
+    first = await next_jan_31(temporal_env)
+    started = await client.start_subscription(monthly(fr_msisdn, first))
+    handle = client.handle(started.subscription_id)
+    # fr-azur monthly: retries 1 h, 6 h and 24 h after each failed attempt
+    await temporal_env.sleep(first + timedelta(days=3) - await temporal_env.get_current_time())
+
+    state = await handle.query(SubscriptionWorkflow.state)
+    assert state.charges_succeeded == 0
+    assert state.cycles_failed == 1
+    assert state.insufficient_funds_retries == 3
+    assert state.status == "active"
+    failed = state.recent_cycles[0]
+    assert (failed.cycle, failed.outcome, failed.attempts, failed.carrier_code) == (
+        1, "failed", 4, "POL1000")
+
+    timers = [
+        event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+        async for event in handle.fetch_history_events()
+        if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED
+    ]
+    # the first timer waits for the due date; the next three are the retry schedule
+    assert timers[1:4] == [timedelta(hours=1), timedelta(hours=6), timedelta(days=1)]
+
+    with Session(engine) as session:
+        keys = [row.idempotency_key for row in session.exec(
+            select(CarrierInteraction).where(
+                CarrierInteraction.idempotency_key.startswith(  # type: ignore[attr-defined]
+                    f"sub-{started.subscription_id}-c1-"))
+            .order_by(CarrierInteraction.id)  # type: ignore[arg-type]
+        )]
+    assert keys == [f"sub-{started.subscription_id}-c1-a{slot}" for slot in range(4)]
+    assert ledger_of(engine, started.subscription_id) == []
+    assert await simulator.transactions(CARRIER, fr_msisdn) == []
+
+    # funds arrive: the next cycle charges normally
+    await simulator.set_balance(CARRIER, fr_msisdn, "10.00")
+    await temporal_env.sleep(timedelta(days=30))
+    state = await handle.query(SubscriptionWorkflow.state)
+    assert state.charges_succeeded == 1
+    await client.cancel_subscription(started.subscription_id)
+
+
+@pytest.mark.parametrize("fault", ["reset_after_debit", "timeout_after_debit"])
+async def test_activity_failing_after_the_carrier_debited_never_debits_twice(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, fr_msisdn: str, fault: str,
+) -> None:
+    # the carrier debits, then drops the connection or answers after our 2 s timeout
+    await simulator.fault(CARRIER, fault, msisdn=fr_msisdn, delay_seconds=4)
+    first = await next_jan_31(temporal_env)
+    started = await client.start_subscription(monthly(fr_msisdn, first))
+    handle = client.handle(started.subscription_id)
+    await temporal_env.sleep(first + timedelta(days=1) - await temporal_env.get_current_time())
+
+    state = await handle.query(SubscriptionWorkflow.state)
+    assert state.charges_succeeded == 1
+    books = await simulator.transactions(CARRIER, fr_msisdn)
+    assert len(books) == 1
+    assert books[0]["clientCorrelator"] == f"sub-{started.subscription_id}-c1-a0"
+    assert await simulator.balance(CARRIER, fr_msisdn) == Decimal("995.01")
+    entries = ledger_of(engine, started.subscription_id)
+    assert [e.carrier_reference for e in entries] == [books[0]["serverReferenceCode"]]
+
+    with Session(engine) as session:
+        outcomes = [row.outcome for row in session.exec(
+            select(CarrierInteraction).where(
+                CarrierInteraction.idempotency_key == f"sub-{started.subscription_id}-c1-a0")
+            .order_by(CarrierInteraction.id)  # type: ignore[arg-type]
+        )]
+    # the retry repeated the same clientCorrelator and the carrier replayed its transaction
+    assert outcomes == ["unknown", "succeeded"]
+    await client.cancel_subscription(started.subscription_id)
+
+
+async def test_continue_as_new_carries_the_state_over_exactly(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, fr_msisdn: str,
+) -> None:
+    first = await next_jan_31(temporal_env)
+    started = await client.start_subscription(monthly(fr_msisdn, first, cycles_per_run=2))
+    handle = client.handle(started.subscription_id)
+    # five charges (Jan..May) means two continue-as-new hand-overs
+    await temporal_env.sleep(first + timedelta(days=125) - await temporal_env.get_current_time())
+
+    state = await handle.query(SubscriptionWorkflow.state)
+    assert state.runs == 3
+    assert state.charges_succeeded == 5
+    assert state.amount_charged_minor == 5 * 499
+    assert state.next_cycle == 6
+    assert state.anchor == first
+    assert state.next_charge_at == datetime(first.year, 6, 30, 9, 30, tzinfo=UTC)
+    assert [c.cycle for c in state.recent_cycles] == [1, 2, 3, 4, 5]
+
+    description = await handle.describe()
+    assert description.run_id != started_run_id(description)
+    assert len(ledger_of(engine, started.subscription_id)) == 5
+    assert len(await simulator.transactions(CARRIER, fr_msisdn)) == 5
+    await client.cancel_subscription(started.subscription_id)
+
+
+def started_run_id(description: object) -> str:
+    raw = description.raw_description  # type: ignore[attr-defined]
+    return str(raw.workflow_execution_info.first_run_id)

@@ -1,0 +1,79 @@
+"""Runs the billing worker: subscription and refund workflows, and the billing activities."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from sqlalchemy.engine import Engine
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.billing import BillingActivities
+from carriers.loader import Registry, default_registry
+from carriers.pool import AdapterPool
+from models.db import make_engine, migrate
+from models.interactions import InteractionStore
+from models.seed import seed_reference_data
+from settings import Settings, get_settings
+from workflows.refund import RefundWorkflow
+from workflows.subscription import SubscriptionWorkflow
+
+WORKFLOWS = [SubscriptionWorkflow, RefundWorkflow]
+
+
+def prepare_database(settings: Settings, registry: Registry) -> Engine:
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    seed_reference_data(engine, registry)
+    return engine
+
+
+def build_worker(
+    client: Client, settings: Settings, engine: Engine, adapters: AdapterPool
+) -> Worker:
+    activities = BillingActivities(engine, adapters)
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=activities.all(),
+        max_concurrent_activities=settings.max_concurrent_activities,
+        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+    )
+
+
+async def run_worker(settings: Settings) -> None:
+    registry = default_registry()
+    engine = prepare_database(settings, registry)
+    adapters = AdapterPool(registry, settings, InteractionStore(engine).record)
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    try:
+        async with build_worker(client, settings, engine, adapters):
+            logging.info("worker polling %s on %s", settings.task_queue, settings.temporal_address)
+            await asyncio.Event().wait()
+    finally:
+        await adapters.aclose()
+        engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--max-concurrent-activities", type=int)
+    parser.add_argument("--max-concurrent-workflow-tasks", type=int)
+    args = parser.parse_args()
+    settings = get_settings()
+    overrides = {
+        k: v for k, v in vars(args).items() if v is not None
+    }
+    settings = settings.model_copy(update=overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(run_worker(settings))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

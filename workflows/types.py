@@ -1,0 +1,65 @@
+"""Workflow inputs, carried state and query views (dataclasses, so fields can be added)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass
+class Plan:
+    period: str  # daily | weekly | monthly | one_off | interval
+    amount_minor: int
+    currency: str
+    # delays, in seconds after the previous failed attempt, of retries after insufficient funds
+    retry_delays_seconds: list[int]
+    interval_seconds: int | None = None
+
+
+@dataclass
+class CycleResult:
+    cycle: int
+    due_at: datetime
+    outcome: str  # succeeded | failed | cancelled
+    attempts: int
+    carrier_reference: str | None = None
+    carrier_code: str | None = None
+
+
+@dataclass
+class BillingState:
+    anchor: datetime
+    next_cycle: int
+    next_charge_at: datetime
+    status: str
+    charges_succeeded: int = 0
+    cycles_failed: int = 0
+    insufficient_funds_retries: int = 0
+    amount_charged_minor: int = 0
+    cancel_requested: bool = False
+    runs: int = 1
+    # the latest cycles only, so the state carried across continue-as-new stays small
+    recent_cycles: list[CycleResult] = field(default_factory=list)
+
+
+@dataclass
+class SubscriptionInput:
+    subscription_id: int
+    subscriber_id: int
+    carrier_id: str
+    country_code: str
+    product_id: str
+    price_point_id: str
+    plan: Plan
+    first_charge_at: datetime | None = None
+    # continue-as-new after this many cycles (or sooner if the server suggests it)
+    cycles_per_run: int = 24
+    # set only when continuing as new
+    state: BillingState | None = None
+
+
+@dataclass
+class RefundRequestInput:
+    subscription_id: int
+    cycle: int
+    reason: str = "customer refund"
