@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
@@ -50,9 +51,14 @@ async def run_worker(settings: Settings) -> None:
     adapters = AdapterPool(registry, settings, InteractionStore(engine).record)
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     try:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         async with build_worker(client, settings, engine, adapters):
             logging.info("worker polling %s on %s", settings.task_queue, settings.temporal_address)
-            await asyncio.Event().wait()
+            await stop.wait()
+            logging.info("worker stopping: finishing the tasks in hand")
     finally:
         await adapters.aclose()
         engine.dispose()
@@ -69,10 +75,7 @@ def main() -> None:
     }
     settings = settings.model_copy(update=overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        asyncio.run(run_worker(settings))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(run_worker(settings))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -182,5 +184,5 @@ class BillingActivities:
             result.carrier_reference, result.carrier_code, result.message,
         )
 
-    def all(self) -> list[object]:
+    def all(self) -> list[Callable[..., Any]]:
         return [self.charge_subscription, self.record_subscription_status, self.refund_charge]

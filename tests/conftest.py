@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +22,6 @@ from temporalio.worker import Worker
 
 from carriers.loader import default_registry
 from carriers.pool import AdapterPool
-from models.db import make_engine
 from models.interactions import InteractionStore
 from settings import Settings, venv_binary
 from simulators.oneapi_server import OneApiSimulator, carriers_from_registry, start_simulator
@@ -97,7 +95,7 @@ def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, s
         simulator_urls={"oneapi": simulator.url},
         carrier_secrets={k: SecretStr(v) for k, v in carrier_secrets.items()},
         carrier_timeout_seconds=2.0,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
 
 
@@ -152,11 +150,3 @@ _numbers = iter(range(1_000_000, 9_999_999))
 def fr_msisdn() -> str:
     """A fresh, valid French mobile number on carrier fr-azur (+3361...)."""
     return f"+3361{next(_numbers):07d}"
-
-
-def sqlite_file(url: str) -> Path:
-    return Path(url.split("///", 1)[1])
-
-
-def fresh_engine(url: str) -> Engine:
-    return make_engine(url)

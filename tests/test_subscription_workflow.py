@@ -125,7 +125,7 @@ async def test_insufficient_funds_retries_on_schedule_then_fails_the_cycle(
     with Session(engine) as session:
         keys = [row.idempotency_key for row in session.exec(
             select(CarrierInteraction).where(
-                CarrierInteraction.idempotency_key.startswith(  # type: ignore[attr-defined]
+                CarrierInteraction.idempotency_key.startswith(
                     f"sub-{started.subscription_id}-c1-"))
             .order_by(CarrierInteraction.id)  # type: ignore[arg-type]
         )]

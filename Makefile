@@ -1,0 +1,32 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python demo.py $(DEMO_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+test: install lint
+	bash scripts/ensure-postgres-tools.sh
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python -m bench.billing $(BENCH_ARGS)
+
+clean:
+	rm -rf .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,248 @@
+"""`make demo`: the whole platform on this machine, billing a few hundred subscriptions live.
+
+Starts the Temporal dev server (UI on http://localhost:8233), the OneAPI carrier simulator
+(with random faults), and a worker; starts subscriptions on 10-second demo plans across the
+registry's carriers; shows progress; then prints a summary checked against the simulator's books.
+Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import phonenumbers
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from sqlalchemy import func
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from carriers.loader import CarrierConfig, Registry, default_registry
+from devstack import Stack
+from models.db import make_engine, migrate
+from models.money import format_major, to_decimal
+from models.seed import seed_reference_data
+from models.tables import (
+    CarrierInteraction,
+    LedgerEntry,
+    LedgerKind,
+    Period,
+    PricePoint,
+    Subscription,
+)
+from settings import PROJECT_ROOT, Settings
+from starter import StartSubscriptionRequest, SubscriptionClient
+
+DATA_DIR = PROJECT_ROOT / ".data" / "demo"
+SIM_PORT = 8701
+console = Console()
+
+
+@dataclass
+class DemoPlan:
+    carrier: CarrierConfig
+    product_id: str
+    amount_minor: int
+    currency: str
+
+
+def demo_plans(registry: Registry) -> list[DemoPlan]:
+    plans = []
+    for carrier in registry.carriers.values():
+        currency = registry.currency_of(carrier.id)
+        for price in carrier.price_points:
+            if price.period is Period.INTERVAL:
+                plans.append(DemoPlan(carrier, price.product,
+                                      registry.amount_minor(carrier.id, price), currency))
+    return plans
+
+
+def random_msisdn(carrier: CarrierConfig, registry: Registry, rng: random.Random,
+                  taken: set[str]) -> str:
+    """A valid number in one of the carrier's ranges."""
+    while True:
+        prefix = rng.choice(carrier.number_prefixes)
+        region = phonenumbers.region_code_for_country_code(
+            phonenumbers.parse(prefix + "0000000", None).country_code)
+        length = len(str(phonenumbers.example_number_for_type(
+            region, phonenumbers.PhoneNumberType.MOBILE).national_number))
+        national_prefix = prefix[1 + len(str(phonenumbers.country_code_for_region(region))):]
+        digits = "".join(rng.choice("0123456789")
+                         for _ in range(length - len(national_prefix)))
+        candidate = prefix + digits
+        number = phonenumbers.parse(candidate, None)
+        if (phonenumbers.is_valid_number(number) and candidate not in taken
+                and registry.route(candidate) is carrier):
+            taken.add(candidate)
+            return candidate
+
+
+def progress_table(engine: Engine, started: int, elapsed: float, seconds: int) -> Table:
+    with Session(engine) as session:
+        charges = session.exec(select(func.count()).select_from(LedgerEntry)).one()
+        outcomes = dict(session.exec(
+            select(CarrierInteraction.outcome, func.count()).group_by(CarrierInteraction.outcome)
+        ).all())
+        revenue = session.exec(
+            select(LedgerEntry.currency, func.sum(LedgerEntry.amount_minor))
+            .where(LedgerEntry.kind == LedgerKind.CHARGE).group_by(LedgerEntry.currency)
+        ).all()
+    table = Table(title=f"Billing live — {elapsed:4.0f}s of {seconds}s — UI http://localhost:8233")
+    for column in ("subscriptions", "charges ok", "insufficient funds", "carrier faults",
+                   "rejected", "revenue"):
+        table.add_column(column, justify="right")
+    faults = outcomes.get("unknown", 0) + outcomes.get("transient", 0)
+    table.add_row(
+        str(started), str(charges), str(outcomes.get("insufficient_funds", 0)), str(faults),
+        str(outcomes.get("rejected", 0)),
+        "  ".join(f"{format_major(int(total), cur)} {cur}" for cur, total in revenue),
+    )
+    return table
+
+
+async def start_all(client: SubscriptionClient, registry: Registry, count: int,
+                    sim_url: str, rng: random.Random) -> list[int]:
+    plans = demo_plans(registry)
+    taken: set[str] = set()
+    ids: list[int] = []
+    async with httpx.AsyncClient(base_url=sim_url) as sim:
+        for index in range(count):
+            plan = plans[index % len(plans)]
+            msisdn = random_msisdn(plan.carrier, registry, rng, taken)
+            roll = rng.random()
+            if roll < 0.12:  # a few subscribers run short of credit: retries, some fail
+                balance = to_decimal(plan.amount_minor * rng.randint(0, 3), plan.currency)
+                await sim.post("/_control/accounts", json={
+                    "carrier": plan.carrier.id, "msisdn": msisdn, "balance": str(balance)})
+            started = await client.start_subscription(StartSubscriptionRequest(
+                msisdn=msisdn, product_id=plan.product_id, amount_minor=plan.amount_minor,
+                currency=plan.currency, period=Period.INTERVAL, carrier_id=plan.carrier.id))
+            ids.append(started.subscription_id)
+    return ids
+
+
+async def summary(client: SubscriptionClient, engine: Engine, ids: list[int],
+                  sim_url: str) -> None:
+    per_carrier: dict[str, Counter[str]] = defaultdict(Counter)
+    limiter = asyncio.Semaphore(20)
+
+    async def state_of(sid: int) -> None:
+        async with limiter:
+            view = await client.describe_subscription(sid)
+        with Session(engine) as session:
+            carrier = session.exec(
+                select(PricePoint.carrier_id).join(Subscription)
+                .where(Subscription.id == sid)).one()
+        retried = sum(1 for c in view.recent_cycles if c["attempts"] > 1)
+        per_carrier[carrier].update(failed=view.cycles_failed, retried=retried)
+
+    await asyncio.gather(*(state_of(sid) for sid in ids))
+    with Session(engine) as session:
+        rows = session.exec(
+            select(LedgerEntry.carrier_id, LedgerEntry.currency, func.count(),
+                   func.sum(LedgerEntry.amount_minor))
+            .where(LedgerEntry.kind == LedgerKind.CHARGE)
+            .group_by(LedgerEntry.carrier_id, LedgerEntry.currency)
+        ).all()
+    books = httpx.get(f"{sim_url}/_control/books", timeout=30).json()
+    table = Table(title="Summary (ledger checked against the carrier simulator's books)")
+    for column in ("carrier", "currency", "charges ok", "cycles retried", "cycles failed",
+                   "revenue", "carrier books", "match"):
+        table.add_column(column, justify="right")
+    all_match = True
+    for carrier_id, currency, count, total in sorted(rows):
+        booked = sum((Decimal(t["amount"]) for t in books[carrier_id]["transactions"]
+                      if t["kind"] == "charge"), Decimal(0))
+        match = to_decimal(int(total), currency) == booked
+        all_match &= match
+        counts = per_carrier.get(carrier_id, Counter())
+        table.add_row(carrier_id, currency, str(count), str(counts["retried"]),
+                      str(counts["failed"]), format_major(int(total), currency), str(booked),
+                      "yes" if match else "NO")
+    console.print(table)
+    console.print("ledger equals the carrier books to the cent" if all_match
+                  else "[red]ledger and carrier books differ[/red]")
+
+
+async def run(args: argparse.Namespace, stack: Stack) -> None:
+    rng = random.Random(args.seed)
+    registry = default_registry()
+    db_path = DATA_DIR / "billing.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    db_url = f"sqlite:///{db_path}"
+    sim_url = f"http://127.0.0.1:{SIM_PORT}"
+    settings = Settings(database_url=db_url, simulator_urls={"oneapi": sim_url},
+                        carrier_secrets=stack.carrier_secrets)  # type: ignore[arg-type]
+
+    console.print("starting Temporal dev server (SQLite in WAL mode under .data/demo) …")
+    stack.start_temporal(persistence="wal")
+    console.print("starting the carrier simulator with 5% random faults …")
+    stack.start_simulator(SIM_PORT, chaos_rate=0.05, default_balance="1000")
+    migrate(db_url)
+    engine = make_engine(db_url)
+    seed_reference_data(engine, registry)
+    env = stack.env(CB_DATABASE_URL=db_url,
+                    CB_SIMULATOR_URLS=json.dumps({"oneapi": sim_url}))
+    console.print("starting a worker …")
+    stack.start_worker("worker", env)
+
+    client = await SubscriptionClient.connect(settings)
+    console.print(f"starting {args.subscriptions} subscriptions on 10-second demo plans …")
+    ids = await start_all(client, registry, args.subscriptions, sim_url, rng)
+    began = time.monotonic()
+    with Live(progress_table(engine, len(ids), 0, args.seconds), console=console,
+              refresh_per_second=2) as live:
+        while (elapsed := time.monotonic() - began) < args.seconds:
+            stack.check_alive()
+            await asyncio.sleep(1)
+            live.update(progress_table(engine, len(ids), elapsed, args.seconds))
+    console.print("cancelling the subscriptions …")
+    limiter = asyncio.Semaphore(20)
+
+    async def cancel(sid: int) -> None:
+        async with limiter:
+            await client.cancel_subscription(sid)
+
+    await asyncio.gather(*(cancel(sid) for sid in ids))
+    await summary(client, engine, ids, sim_url)
+    console.print("\nTemporal UI: [bold]http://localhost:8233[/bold]  "
+                  "(try the query: SubscriptionStatus = 'cancelled' AND CountryCode = 'JP')")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subscriptions", type=int, default=300)
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-hold", action="store_true",
+                        help="stop everything right after the summary")
+    args = parser.parse_args()
+    stack = Stack(DATA_DIR)
+    try:
+        asyncio.run(run(args, stack))
+        if not args.no_hold and sys.stdin.isatty():
+            console.print("Everything is still running for the UI; Ctrl-C stops it.")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("\nCtrl-C: stopping …")
+    finally:
+        stack.stop()
+        console.print(f"stopped; logs are in {DATA_DIR}")
+
+
+if __name__ == "__main__":
+    main()

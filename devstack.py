@@ -1,0 +1,117 @@
+"""Starts the local stack as child processes: Temporal dev server, carrier simulator, workers.
+
+Used by the demo and the benchmark; each child gets its own session so that Ctrl-C reaches
+only this process, which then stops the children in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from carriers.loader import default_registry
+from settings import PROJECT_ROOT, venv_binary
+from workflows import search_attributes as sa
+
+SQLITE_WAL = ["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
+
+
+def wait_for_port(port: int, timeout: float = 60.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) != 0
+
+
+class Stack:
+    """The children started for one demo or benchmark run."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        registry = default_registry()
+        # fresh credentials per run, shared by the simulator and the worker, never on disk
+        self.carrier_secrets = {
+            c.auth.secret_ref: secrets.token_urlsafe(18) for c in registry.carriers.values()
+        }
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["CB_CARRIER_SECRETS"] = json.dumps(self.carrier_secrets)
+        env["PYTHONPATH"] = str(PROJECT_ROOT)
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        log = open(self.data_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the child)
+        child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env or self.env(),
+                                 cwd=PROJECT_ROOT, start_new_session=True)
+        self.children.append((name, child))
+
+    def start_temporal(self, port: int = 7233, ui_port: int = 8233,
+                       persistence: str = "wal") -> None:
+        """persistence: "memory", "sqlite" (plain file) or "wal" (file in WAL mode)."""
+        if not port_is_free(port):
+            raise RuntimeError(f"port {port} is taken: is another Temporal server running?")
+        args = [venv_binary("temporal"), "server", "start-dev", "--ip", "127.0.0.1",
+                "--port", str(port), "--ui-port", str(ui_port), "--log-level", "warn"]
+        for key in sa.ALL:
+            args += ["--search-attribute", f"{key.name}=Keyword"]
+        if persistence != "memory":
+            db = self.data_dir / "temporal.db"
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+            args += ["--db-filename", str(db)]
+            if persistence == "wal":
+                args += SQLITE_WAL
+        self.spawn("temporal", args)
+        wait_for_port(port)
+
+    def start_simulator(self, port: int = 8701, chaos_rate: float = 0.0,
+                        default_balance: str = "100") -> None:
+        if not port_is_free(port):
+            raise RuntimeError(f"port {port} is taken: is another simulator running?")
+        self.spawn("simulator", [sys.executable, "-m", "simulators.oneapi_server", "--port",
+                                 str(port), "--chaos-rate", str(chaos_rate),
+                                 "--default-balance", default_balance])
+        wait_for_port(port)
+
+    def start_worker(self, name: str, env: dict[str, str]) -> None:
+        self.spawn(name, [sys.executable, str(PROJECT_ROOT / "worker.py")], env)
+
+    def stop(self) -> None:
+        for _name, child in reversed(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _name, child in reversed(self.children):
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self.children.clear()
+
+    def check_alive(self) -> None:
+        for name, child in self.children:
+            if child.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with {child.returncode}; see {self.data_dir / (name + '.log')}"
+                )
