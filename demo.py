@@ -73,10 +73,9 @@ def random_msisdn(carrier: CarrierConfig, registry: Registry, rng: random.Random
     """A valid number in one of the carrier's ranges."""
     while True:
         prefix = rng.choice(carrier.number_prefixes)
-        region = phonenumbers.region_code_for_country_code(
-            phonenumbers.parse(prefix + "0000000", None).country_code)
-        length = len(str(phonenumbers.example_number_for_type(
-            region, phonenumbers.PhoneNumberType.MOBILE).national_number))
+        region = registry.carrier_country[carrier.id]
+        example = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
+        length = len(str(example.national_number)) if example else 9
         national_prefix = prefix[1 + len(str(phonenumbers.country_code_for_region(region))):]
         digits = "".join(rng.choice("0123456789")
                          for _ in range(length - len(national_prefix)))
@@ -184,7 +183,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     db_url = f"sqlite:///{db_path}"
     sim_url = f"http://127.0.0.1:{SIM_PORT}"
     settings = Settings(database_url=db_url, simulator_urls={"oneapi": sim_url},
-                        carrier_secrets=stack.carrier_secrets)  # type: ignore[arg-type]
+                        carrier_secrets=stack.carrier_secrets)
 
     console.print("starting Temporal dev server (SQLite in WAL mode under .data/demo) …")
     stack.start_temporal(persistence="wal")
