@@ -14,7 +14,7 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from carriers.loader import Registry, default_registry
 from carriers.pool import AdapterPool
-from models.db import make_engine, migrate
+from models.db import make_engine, migrate, setup_lock
 from models.interactions import InteractionStore
 from models.seed import seed_reference_data
 from settings import Settings, get_settings
@@ -25,9 +25,10 @@ WORKFLOWS = [SubscriptionWorkflow, RefundWorkflow]
 
 
 def prepare_database(settings: Settings, registry: Registry) -> Engine:
-    migrate(settings.database_url)
     engine = make_engine(settings.database_url)
-    seed_reference_data(engine, registry)
+    with setup_lock(settings.database_url):
+        migrate(settings.database_url)
+        seed_reference_data(engine, registry)
     return engine
 
 
@@ -75,6 +76,9 @@ def main() -> None:
     }
     settings = settings.model_copy(update=overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # httpx logs every URL at INFO, and carrier URLs hold MSISDNs: interactions are recorded
+    # (redacted) by the transport instead
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(run_worker(settings))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +20,15 @@ from activities.messages import (
     StatusInput,
     refund_key,
 )
-from carriers.base import ChargeRequest, OperationResult, Outcome, RefundRequest
+from carriers.base import (
+    Capability,
+    CarrierAdapter,
+    ChargeRequest,
+    OperationResult,
+    Outcome,
+    RefundRequest,
+    StatusRequest,
+)
 from carriers.pool import AdapterPool
 from models import ledger
 from models.tables import LedgerEntry, LedgerKind, Subscriber, Subscription, SubscriptionStatus
@@ -41,6 +49,18 @@ def _retry_same_key(result: OperationResult, operation: str) -> ApplicationError
         type=f"Carrier{result.outcome.value.title()}",
         next_retry_delay=timedelta(seconds=delay) if delay else None,
     )
+
+
+async def settle_or_send(
+    adapter: CarrierAdapter, lookup: StatusRequest, send: Callable[[], Awaitable[OperationResult]]
+) -> OperationResult:
+    """On a retry the first attempt's fate is unknown: ask the carrier by idempotency key and
+    send again only if it has no record. A failed look-up is itself ambiguous and is retried."""
+    if activity.info().attempt > 1 and adapter.supports(Capability.STATUS):
+        earlier = await adapter.status(lookup)
+        if earlier is not None:
+            return earlier
+    return await send()
 
 
 class BillingActivities:
@@ -76,15 +96,19 @@ class BillingActivities:
         if done is not None:
             return ChargeOutput(Outcome.SUCCEEDED.value, done.carrier_reference)
         msisdn = await asyncio.to_thread(self._msisdn, charge.subscriber_id)
-        result = await self._adapters.get(charge.carrier_id).charge(
-            ChargeRequest(
-                idempotency_key=charge.idempotency_key,
-                msisdn=msisdn,
-                amount_minor=charge.amount_minor,
-                currency=charge.currency,
-                description=charge.description,
-                reference_code=f"S{charge.subscription_id}C{charge.cycle}",
-            )
+        adapter = self._adapters.get(charge.carrier_id)
+        request = ChargeRequest(
+            idempotency_key=charge.idempotency_key,
+            msisdn=msisdn,
+            amount_minor=charge.amount_minor,
+            currency=charge.currency,
+            description=charge.description,
+            reference_code=f"S{charge.subscription_id}C{charge.cycle}",
+        )
+        result = await settle_or_send(
+            adapter, StatusRequest(idempotency_key=request.idempotency_key, msisdn=msisdn,
+                                   operation="charge"),
+            lambda: adapter.charge(request),
         )
         if result.outcome in _RETRY_SAME_KEY:
             raise _retry_same_key(result, "charge")
@@ -149,16 +173,19 @@ class BillingActivities:
                 Outcome.SUCCEEDED.value, already.amount_minor, already.currency,
                 already.carrier_reference,
             )
-        result = await self._adapters.get(charge.carrier_id).refund(
-            RefundRequest(
-                idempotency_key=key,
-                msisdn=msisdn,
-                amount_minor=charge.amount_minor,
-                currency=charge.currency,
-                description=request.reason,
-                reference_code=f"R{request.subscription_id}C{request.cycle}",
-                original_carrier_reference=charge.carrier_reference,
-            )
+        adapter = self._adapters.get(charge.carrier_id)
+        refund = RefundRequest(
+            idempotency_key=key,
+            msisdn=msisdn,
+            amount_minor=charge.amount_minor,
+            currency=charge.currency,
+            description=request.reason,
+            reference_code=f"R{request.subscription_id}C{request.cycle}",
+            original_carrier_reference=charge.carrier_reference,
+        )
+        result = await settle_or_send(
+            adapter, StatusRequest(idempotency_key=key, msisdn=msisdn, operation="refund"),
+            lambda: adapter.refund(refund),
         )
         if result.outcome in _RETRY_SAME_KEY:
             raise _retry_same_key(result, "refund")

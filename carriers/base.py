@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -47,6 +48,14 @@ class RefundRequest(BaseModel):
     original_carrier_reference: str
 
 
+class StatusRequest(BaseModel):
+    """Looks up an earlier charge or refund by the idempotency key we sent with it."""
+
+    idempotency_key: str = Field(min_length=1, max_length=128)
+    msisdn: str
+    operation: Literal["charge", "refund"]
+
+
 class OperationResult(BaseModel):
     outcome: Outcome
     carrier_reference: str | None = None
@@ -71,6 +80,14 @@ class CarrierAdapter(abc.ABC):
 
     async def refund(self, request: RefundRequest) -> OperationResult:
         raise UnsupportedOperation(self.carrier_id, Capability.REFUND)
+
+    async def status(self, request: StatusRequest) -> OperationResult | None:
+        """The final or pending result of the earlier operation, or None when the carrier has
+        no record of it (it never took effect, so sending it again is safe)."""
+        raise UnsupportedOperation(self.carrier_id, Capability.STATUS)
+
+    def supports(self, capability: Capability) -> bool:
+        return capability in self.capabilities
 
     async def aclose(self) -> None:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 
+from carriers.auth import OAuth2ClientCredentials
 from carriers.base import CarrierAdapter
 from carriers.http import HttpTransport, InteractionSink
 from carriers.loader import CarrierConfig
@@ -38,14 +39,21 @@ def build_adapter(
     carrier: CarrierConfig, settings: Settings, sink: InteractionSink
 ) -> CarrierAdapter:
     secret = carrier_secret(carrier, settings)
+    auth: httpx.Auth
+    if carrier.auth.kind == "oauth2":
+        assert carrier.auth.token_url is not None
+        token_url = carrier.auth.token_url.format(**settings.simulator_urls)
+        auth = OAuth2ClientCredentials(token_url, carrier.auth.username, secret)
+    else:
+        auth = httpx.BasicAuth(carrier.auth.username, secret)
     transport = HttpTransport(
         carrier_id=carrier.id,
         base_url=resolve_base_url(carrier, settings),
-        auth=httpx.BasicAuth(carrier.auth.username, secret),
+        auth=auth,
         timeout_seconds=min(carrier.timeout_seconds, settings.carrier_timeout_seconds),
         secrets=[secret],
         sink=sink,
     )
     if carrier.protocol == "oneapi":
-        return OneApiAdapter(transport)
+        return OneApiAdapter(transport, form_encoded=carrier.request_format == "form")
     raise CarrierConfigError(f"carrier {carrier.id}: unknown protocol {carrier.protocol!r}")

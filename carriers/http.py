@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from pydantic import BaseModel
 
+from carriers.auth import TokenError
 from carriers.base import OperationResult, Outcome
 from carriers.redaction import redact
 
@@ -42,6 +44,7 @@ class HttpReply:
 
 
 ReplyMapper = Callable[[HttpReply], OperationResult]
+LookupMapper = Callable[[HttpReply], OperationResult | None]
 
 
 class HttpTransport:
@@ -71,29 +74,44 @@ class HttpTransport:
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         )
 
-    async def send(
+    async def send(self, *, mapper: ReplyMapper, **request: Any) -> OperationResult:
+        result = await self._exchange(mapper=mapper, **request)
+        assert result is not None
+        return result
+
+    async def lookup(self, *, mapper: LookupMapper, **request: Any) -> OperationResult | None:
+        """Like send, for status look-ups, where None means the carrier has no such record."""
+        return await self._exchange(mapper=mapper, **request)
+
+    async def _exchange(
         self,
         *,
         operation: str,
         idempotency_key: str,
         method: str,
         path: str,
-        mapper: ReplyMapper,
+        mapper: LookupMapper,
         json: object | None = None,
         data: dict[str, str] | None = None,
         content: str | None = None,
+        params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-    ) -> OperationResult:
+    ) -> OperationResult | None:
         request = self._client.build_request(
-            method, path, json=json, data=data, content=content, headers=headers
+            method, path, json=json, data=data, content=content, params=params, headers=headers
         )
         started = time.perf_counter()
         reply: HttpReply | None = None
         error: str | None = None
+        result: OperationResult | None
         try:
             response = await self._client.send(request)
             reply = HttpReply(response.status_code, response.text, response.headers)
             result = mapper(reply)
+        except TokenError as exc:
+            error = f"TokenError: {exc}"
+            outcome = Outcome.REJECTED if exc.permanent else Outcome.TRANSIENT
+            result = OperationResult(outcome=outcome, carrier_code="AUTH", message=str(exc))
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             error = f"{type(exc).__name__}: {exc}"
             result = OperationResult(outcome=Outcome.TRANSIENT, message=f"not sent: {error}")
@@ -113,7 +131,7 @@ class HttpTransport:
                 request_body=redact(request.content.decode("utf-8", "replace"), self._secrets),
                 status_code=reply.status_code if reply else None,
                 response_body=redact(reply.text, self._secrets) if reply else "",
-                outcome=result.outcome.value,
+                outcome=result.outcome.value if result else "not_found",
                 error=error,
                 latency_ms=latency_ms,
             )

@@ -56,11 +56,19 @@ class CountryConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    kind: Literal["basic"]
-    # the user name the carrier issued us
+    kind: Literal["basic", "oauth2"]
+    # the user name (basic) or client id (oauth2) the carrier issued us
     username: str
     # key into settings.carrier_secrets; the secret itself never lives in the registry
     secret_ref: str
+    # oauth2 only: the client-credentials token endpoint
+    token_url: str | None = None
+
+    @model_validator(mode="after")
+    def _token_url_for_oauth2(self) -> AuthConfig:
+        if (self.kind == "oauth2") != (self.token_url is not None):
+            raise ValueError("token_url is required for, and only for, oauth2")
+        return self
 
 
 class PricePointConfig(_Strict):
@@ -85,6 +93,8 @@ class CarrierConfig(_Strict):
     name: str
     protocol: Literal["oneapi"]
     base_url: str
+    # oneapi: JSON bodies, or the older form-encoded variant
+    request_format: Literal["json", "form"] = "json"
     auth: AuthConfig
     timezone: str
     locale: str

@@ -18,6 +18,7 @@ from carriers.base import (
     OperationResult,
     Outcome,
     RefundRequest,
+    StatusRequest,
 )
 from carriers.http import HttpReply, HttpTransport
 from models.money import format_major
@@ -153,31 +154,66 @@ def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
     )
 
 
-class OneApiAdapter(CarrierAdapter):
-    capabilities = frozenset({Capability.CHARGE, Capability.REFUND})
+def form_fields(body: dict[str, Any]) -> dict[str, str]:
+    """The older form-encoded variant: the same fields, flattened."""
+    transaction = body["amountTransaction"]
+    info = transaction["paymentAmount"]["chargingInformation"]
+    fields = {
+        "clientCorrelator": transaction["clientCorrelator"],
+        "endUserId": transaction["endUserId"],
+        "referenceCode": transaction["referenceCode"],
+        "transactionOperationStatus": transaction["transactionOperationStatus"],
+        "amount": info["amount"],
+        "currency": info["currency"],
+        "description": info["description"],
+    }
+    if "originalServerReferenceCode" in transaction:
+        fields["originalServerReferenceCode"] = transaction["originalServerReferenceCode"]
+    return fields
 
-    def __init__(self, transport: HttpTransport) -> None:
+
+def map_lookup(reply: HttpReply, expected_status: str) -> OperationResult | None:
+    if reply.status_code == 404:
+        return None
+    return map_reply(reply, expected_status)
+
+
+_EXPECTED = {"charge": "Charged", "refund": "Refunded"}
+
+
+class OneApiAdapter(CarrierAdapter):
+    capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
+
+    def __init__(self, transport: HttpTransport, form_encoded: bool = False) -> None:
         self.carrier_id = transport.carrier_id
         self._transport = transport
+        self._form = form_encoded
 
-    async def charge(self, request: ChargeRequest) -> OperationResult:
+    async def _post(self, operation: str, key: str, msisdn: str, body: dict[str, Any]
+                    ) -> OperationResult:
+        payload: dict[str, Any] = {"data": form_fields(body)} if self._form else {"json": body}
+        expected = _EXPECTED[operation]
         return await self._transport.send(
-            operation="charge",
-            idempotency_key=request.idempotency_key,
-            method="POST",
-            path=transaction_path(request.msisdn),
-            json=charge_body(request),
-            mapper=lambda reply: map_reply(reply, "Charged"),
+            operation=operation, idempotency_key=key, method="POST",
+            path=transaction_path(msisdn), mapper=lambda reply: map_reply(reply, expected),
+            **payload,
         )
 
+    async def charge(self, request: ChargeRequest) -> OperationResult:
+        return await self._post("charge", request.idempotency_key, request.msisdn,
+                                charge_body(request))
+
     async def refund(self, request: RefundRequest) -> OperationResult:
-        return await self._transport.send(
-            operation="refund",
-            idempotency_key=request.idempotency_key,
-            method="POST",
+        return await self._post("refund", request.idempotency_key, request.msisdn,
+                                refund_body(request))
+
+    async def status(self, request: StatusRequest) -> OperationResult | None:
+        expected = _EXPECTED[request.operation]
+        return await self._transport.lookup(
+            operation="status", idempotency_key=request.idempotency_key, method="GET",
             path=transaction_path(request.msisdn),
-            json=refund_body(request),
-            mapper=lambda reply: map_reply(reply, "Refunded"),
+            params={"clientCorrelator": request.idempotency_key},
+            mapper=lambda reply: map_lookup(reply, expected),
         )
 
     async def aclose(self) -> None:

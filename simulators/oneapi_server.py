@@ -13,6 +13,7 @@ import base64
 import json
 import random
 import secrets as pysecrets
+import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -30,7 +31,9 @@ FAULT_KINDS = {
     "reset_after_debit",  # debit, then drop the connection without answering
     "insufficient_funds",  # refuse with POL1000 whatever the balance
     "malformed",  # answer 201 with a body that is not JSON, without debiting
+    "throttle",  # refuse with 429 and Retry-After: delay_seconds, without debiting
 }
+TOKEN_LIFETIME_SECONDS = 300
 
 
 @dataclass
@@ -48,6 +51,9 @@ class SimCarrier:
     currency: str
     username: str
     password: str
+    auth_kind: str = "basic"
+    # some gateways echo `description` as a list and `amount` as a number
+    quirky_echo: bool = False
 
 
 def _request_error(status: int, kind: str, message_id: str, text: str) -> web.Response:
@@ -71,6 +77,7 @@ class OneApiSimulator:
         self.books: dict[str, CarrierBook] = {}
         self.faults: list[Fault] = []
         self.requests_seen = 0
+        self.tokens: dict[str, tuple[str, float]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -83,6 +90,8 @@ class OneApiSimulator:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/{carrier}/payment/v1/{end_user}/transactions/amount", self.amount)
+        app.router.add_get("/{carrier}/payment/v1/{end_user}/transactions/amount", self.lookup)
+        app.router.add_post("/{carrier}/oauth/token", self.token)
         app.router.add_get("/_control/health", self.health)
         app.router.add_get("/_control/books", self.get_books)
         app.router.add_post("/_control/accounts", self.set_account)
@@ -134,7 +143,7 @@ class OneApiSimulator:
             return self._random.choice(["error_503:0", "reset_after_debit:0", "latency:0.5"])
         return None
 
-    def _authorised(self, request: web.Request, carrier: SimCarrier) -> bool:
+    def _basic_ok(self, request: web.Request, carrier: SimCarrier) -> bool:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Basic "):
             return False
@@ -145,6 +154,46 @@ class OneApiSimulator:
         return pysecrets.compare_digest(user, carrier.username) and pysecrets.compare_digest(
             password, carrier.password
         )
+
+    def _authorised(self, request: web.Request, carrier: SimCarrier) -> bool:
+        if carrier.auth_kind == "basic":
+            return self._basic_ok(request, carrier)
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ")
+        owner = self.tokens.get(token) if header.startswith("Bearer ") else None
+        return owner is not None and owner[0] == carrier.carrier_id and owner[1] > time.time()
+
+    async def token(self, request: web.Request) -> web.Response:
+        carrier = self.carriers.get(request.match_info["carrier"])
+        if carrier is None or carrier.auth_kind != "oauth2":
+            raise web.HTTPNotFound()
+        form = await request.post()
+        if form.get("grant_type") != "client_credentials" or not self._basic_ok(request, carrier):
+            return web.json_response({"error": "invalid_client"}, status=401)
+        token = pysecrets.token_urlsafe(24)
+        self.tokens[token] = (carrier.carrier_id, time.time() + TOKEN_LIFETIME_SECONDS)
+        return web.json_response({"access_token": token, "token_type": "Bearer",
+                                  "expires_in": TOKEN_LIFETIME_SECONDS})
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        """Status by clientCorrelator: how a client settles an operation it got no answer to."""
+        carrier = self.carriers.get(request.match_info["carrier"])
+        if carrier is None:
+            raise web.HTTPNotFound()
+        if not self._authorised(request, carrier):
+            return _request_error(401, "policyException", "POL0001", "authentication failed")
+        msisdn = unquote(request.match_info["end_user"]).removeprefix("tel:")
+        txn = self.books[carrier.carrier_id].by_correlator.get(
+            request.query.get("clientCorrelator", ""))
+        if txn is None or txn.msisdn != msisdn:
+            return _request_error(404, "serviceException", "SVC0004", "no such transaction")
+        status = "Charged" if txn.kind == "charge" else "Refunded"
+        return web.json_response({"amountTransaction": {
+            "clientCorrelator": txn.client_correlator, "endUserId": f"tel:{msisdn}",
+            "serverReferenceCode": txn.server_reference, "transactionOperationStatus": status,
+            "paymentAmount": {"chargingInformation": {"amount": str(txn.amount),
+                                                      "currency": txn.currency}},
+        }})
 
     async def _read_transaction(self, request: web.Request) -> dict[str, Any]:
         if request.content_type == "application/x-www-form-urlencoded":
@@ -169,9 +218,14 @@ class OneApiSimulator:
             raise ValueError("amountTransaction missing")
         return transaction
 
-    def _echo(self, request: web.Request, txn_in: dict[str, Any], server_ref: str,
-              status: str) -> web.Response:
+    def _echo(self, request: web.Request, carrier: SimCarrier, txn_in: dict[str, Any],
+              server_ref: str, status: str) -> web.Response:
         echoed = dict(txn_in)
+        if carrier.quirky_echo:
+            info = dict(echoed["paymentAmount"]["chargingInformation"])
+            info["description"] = [info.get("description", "")]
+            info["amount"] = float(info["amount"])
+            echoed["paymentAmount"] = {"chargingInformation": info}
         echoed["serverReferenceCode"] = server_ref
         echoed["transactionOperationStatus"] = status
         echoed["resourceURL"] = f"{request.url.with_query(None)}/{server_ref}"
@@ -204,7 +258,7 @@ class OneApiSimulator:
             if not same:
                 return _request_error(409, "serviceException", "SVC0005", "correlator reused")
             status = "Charged" if previous.kind == "charge" else "Refunded"
-            return self._echo(request, txn_in, previous.server_reference, status)
+            return self._echo(request, carrier, txn_in, previous.server_reference, status)
 
         fault = self._take_fault(carrier.carrier_id, msisdn)
         kind, _, delay_text = (fault or "").partition(":")
@@ -220,6 +274,9 @@ class OneApiSimulator:
             return _request_error(400, "policyException", "POL1000", "insufficient credit")
         elif kind == "malformed":
             return web.Response(status=201, text="<html>gateway says hello</html>")
+        elif kind == "throttle":
+            return web.json_response({"error": "too many requests"}, status=429,
+                                     headers={"Retry-After": str(int(delay) or 1)})
 
         reference = str(txn_in.get("referenceCode", ""))
         try:
@@ -242,7 +299,7 @@ class OneApiSimulator:
             if request.transport is not None:
                 request.transport.close()
             raise asyncio.CancelledError()
-        return self._echo(request, txn_in, txn.server_reference, operation)
+        return self._echo(request, carrier, txn_in, txn.server_reference, operation)
 
 
 def carriers_from_registry(carrier_secrets: dict[str, str]) -> list[SimCarrier]:
@@ -251,7 +308,8 @@ def carriers_from_registry(carrier_secrets: dict[str, str]) -> list[SimCarrier]:
     registry = default_registry()
     return [
         SimCarrier(c.id, registry.currency_of(c.id), c.auth.username,
-                   carrier_secrets.get(c.auth.secret_ref, ""))
+                   carrier_secrets.get(c.auth.secret_ref, ""), c.auth.kind,
+                   quirky_echo=c.request_format == "form")
         for c in registry.carriers.values()
         if c.protocol == "oneapi"
     ]

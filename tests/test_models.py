@@ -137,3 +137,23 @@ def test_msisdn_is_unique(db: Engine) -> None:
             session.add(Subscriber(msisdn="+33612999999", carrier_id="fr-azur",
                                    timezone="Europe/Paris", locale="fr_FR"))
             session.flush()
+
+
+def test_workers_starting_together_migrate_and_seed_once(postgres_url: str) -> None:
+    """Replicas start at once: the advisory lock serialises migration and seeding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from settings import Settings
+    from worker import prepare_database
+
+    url = postgres_url.rsplit("/", 1)[0] + "/replicas"
+    with make_engine(postgres_url).connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            sa.text("CREATE DATABASE replicas"))
+    settings = Settings(database_url=url, _env_file=None)
+    with ThreadPoolExecutor(4) as pool:
+        engines = list(pool.map(lambda _: prepare_database(settings, default_registry()), range(4)))
+    with Session(engines[0]) as session:
+        assert len(session.exec(select(Carrier)).all()) == len(default_registry().carriers)
+    for engine in engines:
+        engine.dispose()
