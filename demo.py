@@ -20,7 +20,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
-import phonenumbers
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -29,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from carriers.loader import CarrierConfig, Registry, default_registry
+from carriers.numbers import sample_msisdn
 from devstack import Stack
 from models.db import make_engine, migrate
 from models.money import format_major, to_decimal
@@ -68,25 +68,6 @@ def demo_plans(registry: Registry) -> list[DemoPlan]:
     return plans
 
 
-def random_msisdn(carrier: CarrierConfig, registry: Registry, rng: random.Random,
-                  taken: set[str]) -> str:
-    """A valid number in one of the carrier's ranges."""
-    while True:
-        prefix = rng.choice(carrier.number_prefixes)
-        region = registry.carrier_country[carrier.id]
-        example = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
-        length = len(str(example.national_number)) if example else 9
-        national_prefix = prefix[1 + len(str(phonenumbers.country_code_for_region(region))):]
-        digits = "".join(rng.choice("0123456789")
-                         for _ in range(length - len(national_prefix)))
-        candidate = prefix + digits
-        number = phonenumbers.parse(candidate, None)
-        if (phonenumbers.is_valid_number(number) and candidate not in taken
-                and registry.route(candidate) is carrier):
-            taken.add(candidate)
-            return candidate
-
-
 def progress_table(engine: Engine, started: int, elapsed: float, seconds: int) -> Table:
     with Session(engine) as session:
         charges = session.exec(select(func.count()).select_from(LedgerEntry)).one()
@@ -118,7 +99,7 @@ async def start_all(client: SubscriptionClient, registry: Registry, count: int,
     async with httpx.AsyncClient(base_url=sim_url) as sim:
         for index in range(count):
             plan = plans[index % len(plans)]
-            msisdn = random_msisdn(plan.carrier, registry, rng, taken)
+            msisdn = sample_msisdn(plan.carrier, registry, rng, taken)
             roll = rng.random()
             if roll < 0.12:  # a few subscribers run short of credit: retries, some fail
                 balance = to_decimal(plan.amount_minor * rng.randint(0, 3), plan.currency)

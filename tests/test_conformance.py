@@ -1,0 +1,168 @@
+"""The adapter contract: every carrier in the registry, against its simulator over real sockets.
+
+A carrier joins this suite by being in the registry; nothing here names a carrier.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from decimal import Decimal
+
+import pytest
+from pydantic import SecretStr
+
+from carriers.base import (
+    Capability,
+    CarrierAdapter,
+    ChargeRequest,
+    OperationResult,
+    Outcome,
+    RefundRequest,
+    StatusRequest,
+)
+from carriers.factory import build_adapter
+from carriers.http import InteractionRecord
+from carriers.loader import CarrierConfig, default_registry
+from carriers.numbers import sample_msisdn
+from models.money import to_decimal
+from settings import Settings
+from tests.conftest import Simulator
+
+REGISTRY = default_registry()
+CARRIERS = sorted(REGISTRY.carriers.values(), key=lambda c: c.id)
+_rng = random.Random(42)
+_taken: set[str] = set()
+
+
+class Harness:
+    def __init__(self, carrier: CarrierConfig, settings: Settings, simulator: Simulator) -> None:
+        self.carrier = carrier
+        self.sim = simulator
+        self.records: list[InteractionRecord] = []
+        self.settings = settings
+        self.adapter = build_adapter(carrier, settings, self._record)
+        self.msisdn = sample_msisdn(carrier, REGISTRY, _rng, _taken)
+        self.currency = REGISTRY.currency_of(carrier.id)
+        self.amount_minor = REGISTRY.amount_minor(carrier.id, carrier.price_points[0])
+
+    async def _record(self, record: InteractionRecord) -> None:
+        self.records.append(record)
+
+    def charge_request(self, key: str | None = None) -> ChargeRequest:
+        return ChargeRequest(idempotency_key=key or f"conf-{uuid.uuid4().hex[:12]}",
+                             msisdn=self.msisdn, amount_minor=self.amount_minor,
+                             currency=self.currency, description="conformance",
+                             reference_code="CONF")
+
+    def refund_request(self, charged: OperationResult, key: str | None = None) -> RefundRequest:
+        assert charged.carrier_reference
+        return RefundRequest(idempotency_key=key or f"conf-r-{uuid.uuid4().hex[:12]}",
+                             msisdn=self.msisdn, amount_minor=self.amount_minor,
+                             currency=self.currency, description="conformance refund",
+                             reference_code="CONFR",
+                             original_carrier_reference=charged.carrier_reference)
+
+    async def debits(self) -> int:
+        return sum(1 for t in await self.sim.transactions(self.carrier.id, self.msisdn)
+                   if t["kind"] == "charge")
+
+    async def balance(self) -> Decimal:
+        return await self.sim.balance(self.carrier.id, self.msisdn)
+
+    def price(self) -> Decimal:
+        return to_decimal(self.amount_minor, self.currency)
+
+
+@pytest.fixture(params=CARRIERS, ids=lambda c: f"{c.protocol}:{c.id}")
+async def harness(request: pytest.FixtureRequest, settings: Settings, simulator: Simulator):  # type: ignore[no-untyped-def]
+    h = Harness(request.param, settings, simulator)
+    await simulator.set_balance(h.carrier.id, h.msisdn, "1000")
+    yield h
+    await h.adapter.aclose()
+    secret = settings.carrier_secrets[h.carrier.auth.secret_ref].get_secret_value()
+    for record in h.records:  # nothing stored may carry the secret or the whole MSISDN
+        for text in (record.url, record.request_body, record.response_body):
+            assert secret not in text and h.msisdn.lstrip("+") not in text
+
+
+async def test_charge_succeeds_and_debits_once(harness: Harness) -> None:
+    result = await harness.adapter.charge(harness.charge_request())
+    assert result.outcome is Outcome.SUCCEEDED and result.carrier_reference
+    assert await harness.debits() == 1
+    assert await harness.balance() == Decimal("1000") - harness.price()
+    assert [r.operation for r in harness.records] == ["charge"]
+
+
+async def test_insufficient_funds(harness: Harness) -> None:
+    await harness.sim.set_balance(harness.carrier.id, harness.msisdn, "0")
+    result = await harness.adapter.charge(harness.charge_request())
+    assert result.outcome is Outcome.INSUFFICIENT_FUNDS
+    assert await harness.debits() == 0
+
+
+async def test_repeating_a_key_never_debits_twice(harness: Harness) -> None:
+    request = harness.charge_request()
+    first = await harness.adapter.charge(request)
+    again = await harness.adapter.charge(request)
+    assert first.outcome is again.outcome is Outcome.SUCCEEDED
+    assert first.carrier_reference == again.carrier_reference
+    assert await harness.debits() == 1
+
+
+async def test_refund_and_over_refund(harness: Harness) -> None:
+    if not harness.adapter.supports(Capability.REFUND):
+        pytest.skip(f"{harness.carrier.id} declares no refunds")
+    charged = await harness.adapter.charge(harness.charge_request())
+    refunded = await harness.adapter.refund(harness.refund_request(charged))
+    assert refunded.outcome is Outcome.SUCCEEDED
+    assert await harness.balance() == Decimal("1000")
+    over = await harness.adapter.refund(harness.refund_request(charged))
+    assert over.outcome is Outcome.REJECTED
+    assert await harness.balance() == Decimal("1000")
+
+
+@pytest.mark.parametrize("fault", ["timeout_after_debit", "reset_after_debit"])
+async def test_lost_answer_is_settled_by_status_without_a_second_debit(
+    harness: Harness, fault: str
+) -> None:
+    await harness.sim.fault(harness.carrier.id, fault, harness.msisdn, delay_seconds=4)
+    request = harness.charge_request()
+    lost = await harness.adapter.charge(request)
+    assert lost.outcome is Outcome.UNKNOWN
+    assert harness.adapter.supports(Capability.STATUS)
+    settled = await harness.adapter.status(StatusRequest(
+        idempotency_key=request.idempotency_key, msisdn=harness.msisdn, operation="charge"))
+    assert settled is not None and settled.outcome is Outcome.SUCCEEDED
+    assert await harness.debits() == 1
+
+
+async def test_status_of_an_unknown_key_is_none(harness: Harness) -> None:
+    assert await harness.adapter.status(StatusRequest(
+        idempotency_key="never-sent", msisdn=harness.msisdn, operation="charge")) is None
+
+
+async def test_malformed_response_is_unknown_with_a_clear_message(harness: Harness) -> None:
+    await harness.sim.fault(harness.carrier.id, "malformed", harness.msisdn)
+    result = await harness.adapter.charge(harness.charge_request())
+    assert result.outcome is Outcome.UNKNOWN and "malformed" in result.message
+
+
+async def test_throttling_is_transient_with_retry_after(harness: Harness) -> None:
+    await harness.sim.fault(harness.carrier.id, "throttle", harness.msisdn, delay_seconds=7)
+    result = await harness.adapter.charge(harness.charge_request())
+    assert (result.outcome, result.retry_after_seconds) == (Outcome.TRANSIENT, 7.0)
+    assert await harness.debits() == 0
+
+
+async def test_bad_credentials_are_a_permanent_rejection(harness: Harness) -> None:
+    secrets = dict(harness.settings.carrier_secrets)
+    secrets[harness.carrier.auth.secret_ref] = SecretStr("wrong-secret")
+    wrong = harness.settings.model_copy(update={"carrier_secrets": secrets})
+    adapter: CarrierAdapter = build_adapter(harness.carrier, wrong, harness._record)
+    try:
+        result = await adapter.charge(harness.charge_request())
+    finally:
+        await adapter.aclose()
+    assert result.outcome is Outcome.REJECTED
+    assert await harness.debits() == 0
