@@ -163,7 +163,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
     db_url = f"sqlite:///{db_path}"
     sim_url = f"http://127.0.0.1:{SIM_PORT}"
-    settings = Settings(database_url=db_url, simulator_urls={"oneapi": sim_url},
+    settings = Settings(database_url=db_url, simulator_urls={"sim": sim_url},
                         carrier_secrets=stack.carrier_secrets)
 
     console.print("starting Temporal dev server (SQLite in WAL mode under .data/demo) …")
@@ -174,7 +174,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     engine = make_engine(db_url)
     seed_reference_data(engine, registry)
     env = stack.env(CB_DATABASE_URL=db_url,
-                    CB_SIMULATOR_URLS=json.dumps({"oneapi": sim_url}))
+                    CB_SIMULATOR_URLS=json.dumps({"sim": sim_url}))
     console.print("starting a worker …")
     stack.start_worker("worker", env)
 

@@ -88,7 +88,7 @@ class Stack:
                         default_balance: str = "100") -> None:
         if not port_is_free(port):
             raise RuntimeError(f"port {port} is taken: is another simulator running?")
-        self.spawn("simulator", [sys.executable, "-m", "simulators.oneapi_server", "--port",
+        self.spawn("simulator", [sys.executable, "-m", "simulators.server", "--port",
                                  str(port), "--chaos-rate", str(chaos_rate),
                                  "--default-balance", default_balance])
         wait_for_port(port)

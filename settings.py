@@ -23,9 +23,9 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "subscription-billing"
 
-    # Base URLs that registry endpoints refer to by name, e.g. "{oneapi}/acme-fr".
+    # Addresses that registry endpoints refer to by name, e.g. "{sim}/fr-azur/payment/v1".
     simulator_urls: dict[str, str] = Field(
-        default_factory=lambda: {"oneapi": "http://127.0.0.1:8701"}
+        default_factory=lambda: {"sim": "http://127.0.0.1:8701", "smpp": "127.0.0.1:2775"}
     )
     # Carrier credentials by the registry's secret reference; never written to the registry.
     carrier_secrets: dict[str, SecretStr] = Field(default_factory=dict)

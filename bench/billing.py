@@ -112,7 +112,7 @@ async def run_billing(client: Client, stack: Stack, args: argparse.Namespace) ->
                                  interval_seconds=int(args.period), retry_schedule_seconds="5"))
         session.commit()
     queue = f"bench-billing-{uuid.uuid4().hex[:6]}"
-    env = stack.env(CB_DATABASE_URL=db_url, CB_SIMULATOR_URLS=json.dumps({"oneapi": sim_url}),
+    env = stack.env(CB_DATABASE_URL=db_url, CB_SIMULATOR_URLS=json.dumps({"sim": sim_url}),
                     CB_TASK_QUEUE=queue, CB_TEMPORAL_ADDRESS=f"127.0.0.1:{TEMPORAL_PORT}")
     stack.start_worker("bench-worker", env)
     settings = Settings(database_url=db_url, task_queue=queue,

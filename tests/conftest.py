@@ -24,7 +24,8 @@ from carriers.loader import default_registry
 from carriers.pool import AdapterPool
 from models.interactions import InteractionStore
 from settings import Settings, venv_binary
-from simulators.oneapi_server import OneApiSimulator, carriers_from_registry, start_simulator
+from simulators.core import SimulatorCore
+from simulators.server import sim_carriers, start_simulator
 from starter import SubscriptionClient
 from tests.postgres import private_postgres
 from worker import build_worker, prepare_database
@@ -39,7 +40,7 @@ def carrier_secrets() -> dict[str, str]:
 
 @dataclass
 class Simulator:
-    sim: OneApiSimulator
+    core: SimulatorCore
     url: str
 
     async def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -70,9 +71,9 @@ class Simulator:
 
 @pytest.fixture(scope="session")
 async def simulator(carrier_secrets: dict[str, str]) -> AsyncIterator[Simulator]:
-    sim = OneApiSimulator(carriers_from_registry(carrier_secrets), Decimal("1000"))
-    runner, port = await start_simulator(sim)
-    yield Simulator(sim, f"http://127.0.0.1:{port}")
+    core = SimulatorCore(sim_carriers(default_registry(), carrier_secrets), Decimal("1000"))
+    runner, port = await start_simulator(core)
+    yield Simulator(core, f"http://127.0.0.1:{port}")
     await runner.cleanup()
 
 
@@ -92,7 +93,7 @@ def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, s
     return Settings(
         database_url=sqlite_url,
         task_queue=f"test-{uuid.uuid4()}",
-        simulator_urls={"oneapi": simulator.url},
+        simulator_urls={"sim": simulator.url},
         carrier_secrets={k: SecretStr(v) for k, v in carrier_secrets.items()},
         carrier_timeout_seconds=2.0,
         _env_file=None,

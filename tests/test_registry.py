@@ -18,7 +18,7 @@ default_locale = "fr_FR"
 id = "fr-test"
 name = "Test"
 protocol = "oneapi"
-base_url = "{oneapi}/fr-test"
+base_url = "{sim}/fr-test"
 auth = { kind = "basic", username = "u", secret_ref = "fr-test" }
 timezone = "Europe/Paris"
 locale = "fr_FR"

@@ -1,0 +1,144 @@
+"""GSMA OneAPI Payment carrier: POST/GET {carrier}/payment/v1/{endUserId}/transactions/amount."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from simulators.books import InsufficientFunds, RefundRefused
+from simulators.core import SimCarrier, SimulatorCore, drop_connection
+
+PROTOCOL = "oneapi"
+
+
+def request_error(status: int, kind: str, message_id: str, text: str) -> web.Response:
+    return web.json_response(
+        {"requestError": {kind: {"messageId": message_id, "text": text}}}, status=status)
+
+
+class OneApiCarrier:
+    def __init__(self, core: SimulatorCore) -> None:
+        self.core = core
+
+    def add_routes(self, app: web.Application) -> None:
+        path = "/{carrier}/payment/v1/{end_user}/transactions/amount"
+        app.router.add_post(path, self.amount)
+        app.router.add_get(path, self.lookup)
+
+    async def _read_transaction(self, request: web.Request) -> dict[str, Any]:
+        if request.content_type == "application/x-www-form-urlencoded":
+            form = await request.post()
+            return {
+                "clientCorrelator": form.get("clientCorrelator"),
+                "endUserId": form.get("endUserId"),
+                "referenceCode": form.get("referenceCode"),
+                "transactionOperationStatus": form.get("transactionOperationStatus"),
+                "originalServerReferenceCode": form.get("originalServerReferenceCode"),
+                "paymentAmount": {"chargingInformation": {
+                    "amount": form.get("amount"), "currency": form.get("currency"),
+                    "description": form.get("description")}},
+            }
+        body = await request.json()
+        transaction = body.get("amountTransaction")
+        if not isinstance(transaction, dict):
+            raise ValueError("amountTransaction missing")
+        return transaction
+
+    def _echo(self, request: web.Request, carrier: SimCarrier, txn_in: dict[str, Any],
+              server_ref: str, status: str) -> web.Response:
+        echoed = dict(txn_in)
+        if "quirky_echo" in carrier.options:  # description as a list, amount as a number
+            info = dict(echoed["paymentAmount"]["chargingInformation"])
+            info["description"] = [info.get("description", "")]
+            info["amount"] = float(info["amount"])
+            echoed["paymentAmount"] = {"chargingInformation": info}
+        echoed["serverReferenceCode"] = server_ref
+        echoed["transactionOperationStatus"] = status
+        echoed["resourceURL"] = f"{request.url.with_query(None)}/{server_ref}"
+        return web.json_response({"amountTransaction": echoed}, status=201)
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        """Status by clientCorrelator: how a client settles an operation it got no answer to."""
+        carrier = self.core.carrier(request, PROTOCOL)
+        if not self.core.http_auth_ok(request, carrier):
+            return request_error(401, "policyException", "POL0001", "authentication failed")
+        msisdn = unquote(request.match_info["end_user"]).removeprefix("tel:")
+        txn = self.core.books[carrier.carrier_id].by_correlator.get(
+            request.query.get("clientCorrelator", ""))
+        if txn is None or txn.msisdn != msisdn:
+            return request_error(404, "serviceException", "SVC0004", "no such transaction")
+        return web.json_response({"amountTransaction": {
+            "clientCorrelator": txn.client_correlator, "endUserId": f"tel:{msisdn}",
+            "serverReferenceCode": txn.server_reference,
+            "transactionOperationStatus": "Charged" if txn.kind == "charge" else "Refunded",
+            "paymentAmount": {"chargingInformation": {"amount": str(txn.amount),
+                                                      "currency": txn.currency}},
+        }})
+
+    async def amount(self, request: web.Request) -> web.StreamResponse:
+        carrier = self.core.carrier(request, PROTOCOL)
+        if not self.core.http_auth_ok(request, carrier):
+            return request_error(401, "policyException", "POL0001", "authentication failed")
+        book = self.core.books[carrier.carrier_id]
+        try:
+            txn_in = await self._read_transaction(request)
+            msisdn = unquote(request.match_info["end_user"]).removeprefix("tel:")
+            info = txn_in["paymentAmount"]["chargingInformation"]
+            amount = Decimal(str(info["amount"]))
+            currency = str(info["currency"])
+            correlator = str(txn_in["clientCorrelator"])
+            operation = str(txn_in["transactionOperationStatus"])
+        except (ValueError, KeyError, TypeError, InvalidOperation, json.JSONDecodeError) as exc:
+            return request_error(400, "serviceException", "SVC0002", f"invalid input: {exc}")
+        if currency != carrier.currency or amount <= 0:
+            return request_error(400, "serviceException", "SVC0002", "invalid amount or currency")
+
+        previous = book.by_correlator.get(correlator)
+        if previous is not None:  # a repeated correlator is answered with the original
+            if previous.msisdn != msisdn or previous.amount != amount:
+                return request_error(409, "serviceException", "SVC0005", "correlator reused")
+            status = "Charged" if previous.kind == "charge" else "Refunded"
+            return self._echo(request, carrier, txn_in, previous.server_reference, status)
+
+        fault = self.core.take_fault(carrier.carrier_id, msisdn)
+        kind = fault.kind if fault else ""
+        if kind == "latency":
+            await asyncio.sleep(fault.delay if fault else 0)
+        elif kind == "error_503":
+            return web.json_response({"error": "unavailable"}, status=503,
+                                     headers={"Retry-After": "1"})
+        elif kind == "error_500":
+            return web.Response(status=500, text="internal error")
+        elif kind == "insufficient_funds":
+            return request_error(400, "policyException", "POL1000", "insufficient credit")
+        elif kind == "malformed":
+            return web.Response(status=201, text="<html>gateway says hello</html>")
+        elif kind == "throttle":
+            return web.json_response({"error": "too many requests"}, status=429, headers={
+                "Retry-After": str(int(fault.delay if fault else 1) or 1)})
+
+        reference = str(txn_in.get("referenceCode", ""))
+        try:
+            if operation == "Charged":
+                txn = book.charge(msisdn, amount, correlator, reference)
+            elif operation == "Refunded":
+                txn = book.refund(msisdn, amount, correlator, reference,
+                                  str(txn_in.get("originalServerReferenceCode", "")))
+            else:
+                return request_error(400, "serviceException", "SVC0002",
+                                     f"unsupported operation {operation}")
+        except InsufficientFunds:
+            return request_error(400, "policyException", "POL1000", "insufficient credit")
+        except RefundRefused as exc:
+            return request_error(400, "serviceException", "SVC0270", str(exc))
+
+        if kind == "timeout_after_debit":
+            await asyncio.sleep(fault.delay if fault else 0)
+        elif kind == "reset_after_debit":
+            drop_connection(request)
+        return self._echo(request, carrier, txn_in, txn.server_reference, operation)

@@ -1,0 +1,68 @@
+"""All HTTP carrier simulators in one real server on 127.0.0.1, each carrier under /{carrier}/.
+
+    python -m simulators.server --port 8701 [--chaos-rate 0.05] [--default-balance 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+from decimal import Decimal
+
+from aiohttp import web
+
+from carriers.loader import Registry, default_registry
+from simulators.core import SimCarrier, SimulatorCore
+from simulators.oneapi import OneApiCarrier
+
+FAMILIES = {"oneapi": OneApiCarrier}
+
+
+def sim_carriers(registry: Registry, carrier_secrets: dict[str, str]) -> dict[str, SimCarrier]:
+    carriers = {}
+    for c in registry.carriers.values():
+        options = {"quirky_echo"} if c.request_format == "form" else set()
+        carriers[c.id] = SimCarrier(
+            c.id, c.protocol, registry.currency_of(c.id), c.auth.username,
+            carrier_secrets.get(c.auth.secret_ref, ""), c.auth.kind, frozenset(options))
+    return carriers
+
+
+def build_app(core: SimulatorCore) -> web.Application:
+    app = web.Application()
+    core.add_routes(app)
+    for family in FAMILIES.values():
+        family(core).add_routes(app)
+    return app
+
+
+async def start_simulator(core: SimulatorCore, host: str = "127.0.0.1",
+                          port: int = 0) -> tuple[web.AppRunner, int]:
+    """Starts the server in the running loop; returns the runner and the port bound."""
+    runner = web.AppRunner(build_app(core), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = runner.addresses
+    return runner, int(sockets[0][1])
+
+
+def main() -> None:
+    from settings import get_settings
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8701)
+    parser.add_argument("--default-balance", default="100")
+    parser.add_argument("--chaos-rate", type=float, default=0.0,
+                        help="share of requests that meet a random fault")
+    args = parser.parse_args()
+    settings = get_settings()
+    secrets = {k: v.get_secret_value() for k, v in settings.carrier_secrets.items()}
+    core = SimulatorCore(sim_carriers(default_registry(), secrets), Decimal(args.default_balance),
+                         args.chaos_rate)
+    web.run_app(build_app(core), host=args.host, port=args.port, access_log=None,
+                print=lambda *_: None)
+
+
+if __name__ == "__main__":
+    main()
