@@ -191,6 +191,7 @@ class SubscriptionClient:
                 currency=price.currency,
                 retry_delays_seconds=price.retry_delays(),
                 interval_seconds=price.interval_seconds,
+                settle_delays_seconds=self.registry.carriers[carrier.id].settle_delays(),
             ),
             first_charge_at=request.first_charge_at,
             cycles_per_run=request.cycles_per_run,

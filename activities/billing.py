@@ -13,6 +13,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.messages import (
+    CarrierReport,
     ChargeInput,
     ChargeOutput,
     RefundInput,
@@ -33,8 +34,9 @@ from carriers.pool import AdapterPool
 from models import ledger
 from models.tables import LedgerEntry, LedgerKind, Subscriber, Subscription, SubscriptionStatus
 
-# outcomes that are retried by Temporal with the same idempotency key
-_RETRY_SAME_KEY = {Outcome.TRANSIENT, Outcome.UNKNOWN, Outcome.PENDING}
+# outcomes that are retried by Temporal with the same idempotency key; PENDING goes back to the
+# workflow, which waits on a durable timer (or a callback) before settling
+_RETRY_SAME_KEY = {Outcome.TRANSIENT, Outcome.UNKNOWN}
 
 
 class NotRefundable(ApplicationError):
@@ -51,12 +53,24 @@ def _retry_same_key(result: OperationResult, operation: str) -> ApplicationError
     )
 
 
+_FINAL = {Outcome.SUCCEEDED, Outcome.INSUFFICIENT_FUNDS, Outcome.REJECTED}
+
+
 async def settle_or_send(
-    adapter: CarrierAdapter, lookup: StatusRequest, send: Callable[[], Awaitable[OperationResult]]
+    adapter: CarrierAdapter,
+    lookup: StatusRequest,
+    send: Callable[[], Awaitable[OperationResult]],
+    settling: bool,
+    reported: CarrierReport | None,
 ) -> OperationResult:
-    """On a retry the first attempt's fate is unknown: ask the carrier by idempotency key and
-    send again only if it has no record. A failed look-up is itself ambiguous and is retried."""
-    if activity.info().attempt > 1 and adapter.supports(Capability.STATUS):
+    """A final result the carrier pushed to us is taken as it is. Otherwise, when an earlier
+    answer was pending or lost (a retry), ask the carrier by idempotency key and send again only
+    if it has no record. A failed look-up is itself ambiguous, and is retried, never resent."""
+    if reported is not None and Outcome(reported.outcome) in _FINAL:
+        return OperationResult(outcome=Outcome(reported.outcome),
+                               carrier_reference=reported.carrier_reference,
+                               carrier_code=reported.carrier_code, message=reported.message)
+    if (settling or activity.info().attempt > 1) and adapter.supports(Capability.STATUS):
         earlier = await adapter.status(lookup)
         if earlier is not None:
             return earlier
@@ -108,7 +122,7 @@ class BillingActivities:
         result = await settle_or_send(
             adapter, StatusRequest(idempotency_key=request.idempotency_key, msisdn=msisdn,
                                    operation="charge"),
-            lambda: adapter.charge(request),
+            lambda: adapter.charge(request), charge.settling, charge.reported,
         )
         if result.outcome in _RETRY_SAME_KEY:
             raise _retry_same_key(result, "charge")
@@ -185,7 +199,7 @@ class BillingActivities:
         )
         result = await settle_or_send(
             adapter, StatusRequest(idempotency_key=key, msisdn=msisdn, operation="refund"),
-            lambda: adapter.refund(refund),
+            lambda: adapter.refund(refund), request.settling, request.reported,
         )
         if result.outcome in _RETRY_SAME_KEY:
             raise _retry_same_key(result, "refund")

@@ -7,6 +7,17 @@ from datetime import datetime
 
 
 @dataclass
+class CarrierReport:
+    """A result the carrier pushed to us (callback, delivery receipt), relayed by a signal."""
+
+    idempotency_key: str
+    outcome: str
+    carrier_reference: str | None = None
+    carrier_code: str | None = None
+    message: str = ""
+
+
+@dataclass
 class ChargeInput:
     subscription_id: int
     subscriber_id: int
@@ -19,6 +30,10 @@ class ChargeInput:
     currency: str
     due_at: datetime
     description: str
+    # set when an earlier answer was pending: settle by report or status look-up, then resend
+    # only if the carrier has no record of the key
+    settling: bool = False
+    reported: CarrierReport | None = None
 
 
 @dataclass
@@ -41,6 +56,8 @@ class RefundInput:
     subscription_id: int
     cycle: int
     reason: str
+    settling: bool = False
+    reported: CarrierReport | None = None
 
 
 @dataclass
@@ -59,3 +76,13 @@ def charge_key(subscription_id: int, cycle: int, attempt_slot: int) -> str:
 
 def refund_key(subscription_id: int, cycle: int) -> str:
     return f"refund-sub-{subscription_id}-c{cycle}"
+
+
+def workflow_id_for_key(idempotency_key: str) -> str | None:
+    """The workflow waiting on an operation, from the key it sent: how callbacks find it."""
+    parts = idempotency_key.split("-")
+    if idempotency_key.startswith("sub-") and len(parts) == 4 and parts[1].isdigit():
+        return f"subscription-{parts[1]}"
+    if idempotency_key.startswith("refund-sub-") and len(parts) == 4 and parts[2].isdigit():
+        return f"refund-subscription-{parts[2]}-cycle-{parts[3].removeprefix('c')}"
+    return None

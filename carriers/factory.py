@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import httpx
 
-from carriers.auth import OAuth2ClientCredentials
+from carriers.auth import HmacRequestSigner, OAuth2ClientCredentials
 from carriers.base import CarrierAdapter
 from carriers.http import HttpTransport, InteractionSink
 from carriers.loader import CarrierConfig
 from carriers.oneapi import OneApiAdapter
+from carriers.polling_aggregator import PollingAggregatorAdapter
 from settings import Settings
 
 
@@ -40,7 +41,9 @@ def build_adapter(
 ) -> CarrierAdapter:
     secret = carrier_secret(carrier, settings)
     auth: httpx.Auth
-    if carrier.auth.kind == "oauth2":
+    if carrier.auth.kind == "hmac":
+        auth = HmacRequestSigner(carrier.auth.username, secret)
+    elif carrier.auth.kind == "oauth2":
         assert carrier.auth.token_url is not None
         token_url = carrier.auth.token_url.format(**settings.simulator_urls)
         auth = OAuth2ClientCredentials(token_url, carrier.auth.username, secret)
@@ -56,4 +59,6 @@ def build_adapter(
     )
     if carrier.protocol == "oneapi":
         return OneApiAdapter(transport, form_encoded=carrier.request_format == "form")
+    if carrier.protocol == "polling-aggregator":
+        return PollingAggregatorAdapter(transport)
     raise CarrierConfigError(f"carrier {carrier.id}: unknown protocol {carrier.protocol!r}")

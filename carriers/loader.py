@@ -56,8 +56,8 @@ class CountryConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    kind: Literal["basic", "oauth2"]
-    # the user name (basic) or client id (oauth2) the carrier issued us
+    kind: Literal["basic", "oauth2", "hmac"]
+    # the user name (basic), client id (oauth2) or API key (hmac) the carrier issued us
     username: str
     # key into settings.carrier_secrets; the secret itself never lives in the registry
     secret_ref: str
@@ -91,7 +91,7 @@ class PricePointConfig(_Strict):
 class CarrierConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     name: str
-    protocol: Literal["oneapi"]
+    protocol: Literal["oneapi", "polling-aggregator"]
     base_url: str
     # oneapi: JSON bodies, or the older form-encoded variant
     request_format: Literal["json", "form"] = "json"
@@ -99,6 +99,11 @@ class CarrierConfig(_Strict):
     timezone: str
     locale: str
     number_prefixes: list[str] = Field(default_factory=list)
+    # how results arrive: in the response, by polling, or by a callback to us
+    interaction: Literal["sync", "poll", "callback"] = "sync"
+    # after a pending answer: waits, in seconds, between status look-ups (the last repeats);
+    # for callback carriers the fallback when the callback does not come
+    settle_delays_seconds: list[float] | None = None
     timeout_seconds: float = Field(default=10.0, gt=0)
     rate_limit_per_second: float = Field(default=50.0, gt=0)
     price_points: list[PricePointConfig] = Field(default_factory=list)
@@ -107,6 +112,13 @@ class CarrierConfig(_Strict):
     @classmethod
     def _zone(cls, value: str) -> str:
         return _check_zone(value)
+
+    def settle_delays(self) -> list[float]:
+        if self.settle_delays_seconds:
+            return self.settle_delays_seconds
+        defaults: dict[str, list[float]] = {
+            "sync": [5, 30, 120, 600], "poll": [1, 2, 5, 15, 60, 300], "callback": [30, 120, 600]}
+        return defaults[self.interaction]
 
     @field_validator("number_prefixes")
     @classmethod

@@ -6,15 +6,26 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from decimal import Decimal
+from typing import Protocol
 
 from aiohttp import web
 
 from carriers.loader import Registry, default_registry
 from simulators.core import SimCarrier, SimulatorCore
 from simulators.oneapi import OneApiCarrier
+from simulators.polling_aggregator import PollingAggregator
 
-FAMILIES = {"oneapi": OneApiCarrier}
+
+class Family(Protocol):
+    def add_routes(self, app: web.Application) -> None: ...
+
+
+FAMILIES: dict[str, Callable[[SimulatorCore], Family]] = {
+    "oneapi": OneApiCarrier,
+    "polling-aggregator": PollingAggregator,
+}
 
 
 def sim_carriers(registry: Registry, carrier_secrets: dict[str, str]) -> dict[str, SimCarrier]:

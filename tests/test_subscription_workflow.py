@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -11,6 +12,8 @@ from sqlmodel import Session, select
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
+from carriers.loader import default_registry
+from carriers.numbers import sample_msisdn
 from models.tables import CarrierInteraction, LedgerEntry, Period, Subscription
 from starter import StartSubscriptionRequest, SubscriptionClient
 from tests.conftest import Simulator
@@ -202,3 +205,32 @@ async def test_continue_as_new_carries_the_state_over_exactly(
 def started_run_id(description: object) -> str:
     raw = description.raw_description  # type: ignore[attr-defined]
     return str(raw.workflow_execution_info.first_run_id)
+
+
+async def test_pending_charges_are_settled_by_polling_on_durable_timers(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment,
+) -> None:
+    registry = default_registry()
+    carrier = registry.carriers["it-pagamobile"]
+    msisdn = sample_msisdn(carrier, registry, random.Random(3))
+    first = await next_jan_31(temporal_env)
+    started = await client.start_subscription(StartSubscriptionRequest(
+        msisdn=msisdn, product_id="game-pass", amount_minor=499, currency="EUR",
+        period=Period.MONTHLY, first_charge_at=first))
+    handle = client.handle(started.subscription_id)
+    await temporal_env.sleep(first + timedelta(days=40) - await temporal_env.get_current_time())
+
+    state = await handle.query(SubscriptionWorkflow.state)
+    assert state.charges_succeeded == 2
+    books = await simulator.transactions("it-pagamobile", msisdn)
+    entries = ledger_of(engine, started.subscription_id)
+    assert len(books) == 2
+    assert [e.carrier_reference for e in entries] == [t["serverReferenceCode"] for t in books]
+    summaries = [
+        event.user_metadata.summary.data.decode()
+        async for event in handle.fetch_history_events()
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert any("by status look-up" in s for s in summaries)
+    await client.cancel_subscription(started.subscription_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -10,7 +11,13 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
-    from activities.messages import ChargeInput, StatusInput, charge_key
+    from activities.messages import (
+        CarrierReport,
+        ChargeInput,
+        ChargeOutput,
+        StatusInput,
+        charge_key,
+    )
     from models.money import format_major
     from workflows import search_attributes as sa
     from workflows.schedule import due_at
@@ -34,6 +41,8 @@ class SubscriptionWorkflow:
     @workflow.init
     def __init__(self, subscription: SubscriptionInput) -> None:
         self._input = subscription
+        self._awaiting_key: str | None = None
+        self._reports: dict[str, CarrierReport] = {}
         if subscription.state is not None:
             self._state = subscription.state
         else:
@@ -50,6 +59,13 @@ class SubscriptionWorkflow:
     @workflow.signal(name="request_cancel")
     def request_cancel(self) -> None:
         self._state.cancel_requested = True
+
+    @workflow.signal(name="carrier_result")
+    def carrier_result(self, report: CarrierReport) -> None:
+        """A callback or receipt relayed by the receiver. Only the operation being waited for
+        is kept: duplicates and late arrivals change nothing."""
+        if report.idempotency_key == self._awaiting_key:
+            self._reports[report.idempotency_key] = report
 
     @workflow.update(name="cancel")
     async def cancel(self) -> BillingState:
@@ -121,24 +137,19 @@ class SubscriptionWorkflow:
                 state.insufficient_funds_retries += 1
             attempts += 1
             workflow.set_current_details(f"charging cycle {cycle}, attempt {attempts}: {price}")
-            result = await workflow.execute_activity_method(
-                BillingActivities.charge_subscription,
-                ChargeInput(
-                    subscription_id=self._input.subscription_id,
-                    subscriber_id=self._input.subscriber_id,
-                    carrier_id=self._input.carrier_id,
-                    cycle=cycle,
-                    attempt_slot=slot,
-                    idempotency_key=charge_key(self._input.subscription_id, cycle, slot),
-                    amount_minor=plan.amount_minor,
-                    currency=plan.currency,
-                    due_at=due,
-                    description=f"{self._input.product_id} cycle {cycle}",
-                ),
-                start_to_close_timeout=CHARGE_TIMEOUT,
-                retry_policy=CHARGE_RETRY,
-                summary=f"charge cycle {cycle} attempt {attempts}: {price}",
+            charge = ChargeInput(
+                subscription_id=self._input.subscription_id,
+                subscriber_id=self._input.subscriber_id,
+                carrier_id=self._input.carrier_id,
+                cycle=cycle,
+                attempt_slot=slot,
+                idempotency_key=charge_key(self._input.subscription_id, cycle, slot),
+                amount_minor=plan.amount_minor,
+                currency=plan.currency,
+                due_at=due,
+                description=f"{self._input.product_id} cycle {cycle}",
             )
+            result = await self._charge(charge, f"charge cycle {cycle} attempt {attempts}: {price}")
             last_code = result.carrier_code
             if result.outcome == "succeeded":
                 state.charges_succeeded += 1
@@ -152,6 +163,38 @@ class SubscriptionWorkflow:
         state.cycles_failed += 1
         self._remember(CycleResult(cycle, due, "failed", attempts, None, last_code))
         self._set_status(ACTIVE)
+
+    async def _charge(self, charge: ChargeInput, summary: str) -> ChargeOutput:
+        """Charges, then settles a pending answer: waits for the carrier's callback or a timer,
+        then settles by the reported result or a status look-up, until the outcome is final.
+        An ambiguous charge is never abandoned; cancelling does not stop its settlement."""
+        result = await self._run_charge(charge, summary)
+        delays = self._input.plan.settle_delays_seconds or [60.0]
+        settles = 0
+        self._awaiting_key = charge.idempotency_key
+        while result.outcome == "pending":
+            delay = delays[min(settles, len(delays) - 1)]
+            settles += 1
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: charge.idempotency_key in self._reports, timeout=delay,
+                    timeout_summary=f"wait for the carrier's result ({settles})")
+            charge.settling = True
+            charge.reported = self._reports.pop(charge.idempotency_key, None)
+            source = "reported result" if charge.reported else "status look-up"
+            result = await self._run_charge(charge, f"settle {charge.idempotency_key} by {source}")
+        self._awaiting_key = None
+        self._reports.clear()
+        return result
+
+    async def _run_charge(self, charge: ChargeInput, summary: str) -> ChargeOutput:
+        return await workflow.execute_activity_method(
+            BillingActivities.charge_subscription,
+            charge,
+            start_to_close_timeout=CHARGE_TIMEOUT,
+            retry_policy=CHARGE_RETRY,
+            summary=summary,
+        )
 
     def _remember(self, result: CycleResult) -> None:
         recent = self._state.recent_cycles

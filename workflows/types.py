@@ -14,6 +14,8 @@ class Plan:
     # delays, in seconds after the previous failed attempt, of retries after insufficient funds
     retry_delays_seconds: list[int]
     interval_seconds: int | None = None
+    # waits between settling attempts after a pending answer (the last one repeats)
+    settle_delays_seconds: list[float] = field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0])
 
 
 @dataclass
