@@ -258,7 +258,8 @@ class SubscriptionClient:
             recent_cycles=[asdict(c) for c in state.recent_cycles],
         )
 
-    def _check_refundable(self, subscription_id: int, cycle: int) -> None:
+    def _check_refundable(self, subscription_id: int, cycle: int) -> str:
+        """The carrier of the charge to refund, once it is known to be refundable."""
         with Session(self.engine) as session:
             charge = ledger.charge_for_cycle(session, subscription_id, cycle)
             if charge is None:
@@ -269,15 +270,17 @@ class SubscriptionClient:
                 raise SubscriptionRequestError(
                     f"cycle {cycle} of subscription {subscription_id} is already refunded"
                 )
+            return charge.carrier_id
 
     async def refund(
         self, subscription_id: int, cycle: int, reason: str = "customer refund"
     ) -> RefundOutput:
-        await asyncio.to_thread(self._check_refundable, subscription_id, cycle)
+        carrier_id = await asyncio.to_thread(self._check_refundable, subscription_id, cycle)
+        delays = self.registry.carriers[carrier_id].settle_delays()
         # the workflow id is the guard against two refunds racing for the same cycle
         return await self.client.execute_workflow(
             RefundWorkflow.run,
-            RefundRequestInput(subscription_id, cycle, reason),
+            RefundRequestInput(subscription_id, cycle, reason, delays),
             id=refund_workflow_id(subscription_id, cycle),
             task_queue=self.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

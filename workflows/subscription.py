@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -21,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from models.money import format_major
     from workflows import search_attributes as sa
     from workflows.schedule import due_at
+    from workflows.settle import PendingSettler
     from workflows.types import BillingState, CycleResult, SubscriptionInput
 
 # A charge is retried with the same idempotency key until the carrier gives a final answer:
@@ -41,8 +41,7 @@ class SubscriptionWorkflow:
     @workflow.init
     def __init__(self, subscription: SubscriptionInput) -> None:
         self._input = subscription
-        self._awaiting_key: str | None = None
-        self._reports: dict[str, CarrierReport] = {}
+        self._settler = PendingSettler()
         if subscription.state is not None:
             self._state = subscription.state
         else:
@@ -64,8 +63,7 @@ class SubscriptionWorkflow:
     def carrier_result(self, report: CarrierReport) -> None:
         """A callback or receipt relayed by the receiver. Only the operation being waited for
         is kept: duplicates and late arrivals change nothing."""
-        if report.idempotency_key == self._awaiting_key:
-            self._reports[report.idempotency_key] = report
+        self._settler.offer(report)
 
     @workflow.update(name="cancel")
     async def cancel(self) -> BillingState:
@@ -165,27 +163,16 @@ class SubscriptionWorkflow:
         self._set_status(ACTIVE)
 
     async def _charge(self, charge: ChargeInput, summary: str) -> ChargeOutput:
-        """Charges, then settles a pending answer: waits for the carrier's callback or a timer,
-        then settles by the reported result or a status look-up, until the outcome is final.
-        An ambiguous charge is never abandoned; cancelling does not stop its settlement."""
-        result = await self._run_charge(charge, summary)
-        delays = self._input.plan.settle_delays_seconds or [60.0]
-        settles = 0
-        self._awaiting_key = charge.idempotency_key
-        while result.outcome == "pending":
-            delay = delays[min(settles, len(delays) - 1)]
-            settles += 1
-            with contextlib.suppress(TimeoutError):
-                await workflow.wait_condition(
-                    lambda: charge.idempotency_key in self._reports, timeout=delay,
-                    timeout_summary=f"wait for the carrier's result ({settles})")
-            charge.settling = True
-            charge.reported = self._reports.pop(charge.idempotency_key, None)
-            source = "reported result" if charge.reported else "status look-up"
-            result = await self._run_charge(charge, f"settle {charge.idempotency_key} by {source}")
-        self._awaiting_key = None
-        self._reports.clear()
-        return result
+        """Charges; a pending answer is settled (cancelling does not stop a settlement)."""
+
+        async def settle(report: CarrierReport | None) -> ChargeOutput:
+            charge.settling, charge.reported = True, report
+            source = "reported result" if report else "status look-up"
+            return await self._run_charge(charge, f"settle {charge.idempotency_key} by {source}")
+
+        first = await self._run_charge(charge, summary)
+        return await self._settler.settle(charge.idempotency_key, first,
+                                          self._input.plan.settle_delays_seconds, settle)
 
     async def _run_charge(self, charge: ChargeInput, summary: str) -> ChargeOutput:
         return await workflow.execute_activity_method(

@@ -65,3 +65,4 @@ class RefundRequestInput:
     subscription_id: int
     cycle: int
     reason: str = "customer refund"
+    settle_delays_seconds: list[float] = field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0])

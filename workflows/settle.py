@@ -1,0 +1,59 @@
+"""Settling a pending carrier answer inside a workflow: wait for the carrier's pushed result or a
+durable timer, then settle by that result or a status look-up, until the outcome is final."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.messages import CarrierReport
+
+
+class HasOutcome(Protocol):
+    outcome: str
+
+
+R = TypeVar("R", bound=HasOutcome)
+
+
+class PendingSettler:
+    """Holds pushed results for the one operation being waited for; the rest are dropped, so
+    duplicate and late callbacks change nothing."""
+
+    def __init__(self) -> None:
+        self.awaiting: str | None = None
+        self._reports: dict[str, CarrierReport] = {}
+
+    def offer(self, report: CarrierReport) -> None:
+        if report.idempotency_key == self.awaiting:
+            self._reports[report.idempotency_key] = report
+
+    async def settle(
+        self,
+        key: str,
+        first: R,
+        delays: list[float],
+        attempt: Callable[[CarrierReport | None], Awaitable[R]],
+    ) -> R:
+        """``attempt(report)`` runs the settling activity. Never gives up: an ambiguous
+        operation may have moved money, so the last delay repeats until it is final."""
+        result, settles = first, 0
+        delays = delays or [60.0]
+        self.awaiting = key
+        try:
+            while result.outcome == "pending":
+                delay = delays[min(settles, len(delays) - 1)]
+                settles += 1
+                with contextlib.suppress(TimeoutError):
+                    await workflow.wait_condition(
+                        lambda: key in self._reports, timeout=delay,
+                        timeout_summary=f"wait for the carrier's result ({settles})")
+                result = await attempt(self._reports.pop(key, None))
+        finally:
+            self.awaiting = None
+            self._reports.clear()
+        return result
