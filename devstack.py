@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from carriers.dev_secrets import generate_dev_secrets
 from carriers.loader import default_registry
 from settings import PROJECT_ROOT, venv_binary
 from workflows import search_attributes as sa
@@ -46,11 +46,8 @@ class Stack:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
-        registry = default_registry()
         # fresh credentials per run, shared by the simulator and the worker, never on disk
-        self.carrier_secrets = {
-            c.auth.secret_ref: secrets.token_urlsafe(18) for c in registry.carriers.values()
-        }
+        self.carrier_secrets = generate_dev_secrets(default_registry())
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # Carrier credentials by the registry's secret reference; never written to the registry.
     carrier_secrets: dict[str, SecretStr] = Field(default_factory=dict)
 
+    # where carriers call us back (the callback receiver), as the carriers see it
+    callback_base_url: str = "http://127.0.0.1:8702"
+    callback_port: int = 8702
+
     carrier_timeout_seconds: float = 10.0
     max_concurrent_activities: int = 200
     max_concurrent_workflow_tasks: int = 200

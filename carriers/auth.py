@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import AsyncGenerator, Generator
 
 import httpx
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 
 class TokenError(Exception):
@@ -96,3 +100,36 @@ class HmacRequestSigner(httpx.Auth):
             self._secret, request.method, request.url.raw_path.decode(), timestamp,
             request.content)
         yield request
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+class JwtBodySigner(httpx.Auth):
+    """A short-lived RS256 JWT per request whose ``body_sha256`` claim binds it to the body."""
+
+    requires_request_body = True
+
+    def __init__(self, merchant_id: str, private_key_pem: str, lifetime_seconds: int = 300) -> None:
+        try:
+            key = serialization.load_pem_private_key(private_key_pem.encode(), None)
+        except (ValueError, TypeError):
+            raise ValueError("the secret is not a PEM private key") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError("RS256 needs an RSA private key")
+        self._key = key
+        self._merchant_id = merchant_id
+        self._lifetime = lifetime_seconds
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        now = int(time.time())
+        claims = {"iss": self._merchant_id, "iat": now, "exp": now + self._lifetime,
+                  "jti": secrets.token_hex(8), "body_sha256": body_digest(request.content)}
+        token = jwt.encode(claims, self._key, algorithm="RS256")
+        request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+
+def callback_signature(secret: str, body: bytes) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import httpx
 
-from carriers.auth import HmacRequestSigner, OAuth2ClientCredentials
+from carriers.auth import HmacRequestSigner, JwtBodySigner, OAuth2ClientCredentials
 from carriers.base import CarrierAdapter
+from carriers.callback_aggregator import CallbackAggregatorAdapter
 from carriers.http import HttpTransport, InteractionSink
 from carriers.loader import CarrierConfig
 from carriers.oneapi import OneApiAdapter
@@ -41,7 +42,12 @@ def build_adapter(
 ) -> CarrierAdapter:
     secret = carrier_secret(carrier, settings)
     auth: httpx.Auth
-    if carrier.auth.kind == "hmac":
+    if carrier.auth.kind == "jwt-rs256":
+        try:
+            auth = JwtBodySigner(carrier.auth.username, secret)
+        except ValueError as exc:
+            raise CarrierConfigError(f"carrier {carrier.id}: {exc}") from None
+    elif carrier.auth.kind == "hmac":
         auth = HmacRequestSigner(carrier.auth.username, secret)
     elif carrier.auth.kind == "oauth2":
         assert carrier.auth.token_url is not None
@@ -61,4 +67,7 @@ def build_adapter(
         return OneApiAdapter(transport, form_encoded=carrier.request_format == "form")
     if carrier.protocol == "polling-aggregator":
         return PollingAggregatorAdapter(transport)
+    if carrier.protocol == "callback-aggregator":
+        callback_url = f"{settings.callback_base_url}/callbacks/{carrier.id}"
+        return CallbackAggregatorAdapter(transport, callback_url)
     raise CarrierConfigError(f"carrier {carrier.id}: unknown protocol {carrier.protocol!r}")

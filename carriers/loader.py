@@ -56,13 +56,16 @@ class CountryConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    kind: Literal["basic", "oauth2", "hmac"]
-    # the user name (basic), client id (oauth2) or API key (hmac) the carrier issued us
+    kind: Literal["basic", "oauth2", "hmac", "jwt-rs256"]
+    # the user name (basic), client id (oauth2), API key (hmac) or merchant id (jwt-rs256)
     username: str
-    # key into settings.carrier_secrets; the secret itself never lives in the registry
+    # key into settings.carrier_secrets (jwt-rs256: our private key, PEM); the secret itself
+    # never lives in the registry
     secret_ref: str
     # oauth2 only: the client-credentials token endpoint
     token_url: str | None = None
+    # carriers that call us back: the key their callbacks are signed with
+    callback_secret_ref: str | None = None
 
     @model_validator(mode="after")
     def _token_url_for_oauth2(self) -> AuthConfig:
@@ -91,7 +94,7 @@ class PricePointConfig(_Strict):
 class CarrierConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     name: str
-    protocol: Literal["oneapi", "polling-aggregator"]
+    protocol: Literal["oneapi", "polling-aggregator", "callback-aggregator"]
     base_url: str
     # oneapi: JSON bodies, or the older form-encoded variant
     request_format: Literal["json", "form"] = "json"
@@ -119,6 +122,12 @@ class CarrierConfig(_Strict):
         defaults: dict[str, list[float]] = {
             "sync": [5, 30, 120, 600], "poll": [1, 2, 5, 15, 60, 300], "callback": [30, 120, 600]}
         return defaults[self.interaction]
+
+    @model_validator(mode="after")
+    def _callbacks_are_signed(self) -> CarrierConfig:
+        if self.interaction == "callback" and not self.auth.callback_secret_ref:
+            raise ValueError("callback carriers need auth.callback_secret_ref")
+        return self
 
     @field_validator("number_prefixes")
     @classmethod

@@ -41,6 +41,8 @@ class SimCarrier:
     auth_kind: str = "basic"
     # protocol-specific switches (e.g. OneAPI gateways that echo odd types)
     options: frozenset[str] = frozenset()
+    # the key callbacks to us are signed with
+    callback_secret: str = ""
 
 
 @dataclass

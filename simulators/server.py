@@ -13,6 +13,7 @@ from typing import Protocol
 from aiohttp import web
 
 from carriers.loader import Registry, default_registry
+from simulators.callback_aggregator import CallbackAggregator
 from simulators.core import SimCarrier, SimulatorCore
 from simulators.oneapi import OneApiCarrier
 from simulators.polling_aggregator import PollingAggregator
@@ -25,6 +26,7 @@ class Family(Protocol):
 FAMILIES: dict[str, Callable[[SimulatorCore], Family]] = {
     "oneapi": OneApiCarrier,
     "polling-aggregator": PollingAggregator,
+    "callback-aggregator": CallbackAggregator,
 }
 
 
@@ -34,7 +36,8 @@ def sim_carriers(registry: Registry, carrier_secrets: dict[str, str]) -> dict[st
         options = {"quirky_echo"} if c.request_format == "form" else set()
         carriers[c.id] = SimCarrier(
             c.id, c.protocol, registry.currency_of(c.id), c.auth.username,
-            carrier_secrets.get(c.auth.secret_ref, ""), c.auth.kind, frozenset(options))
+            carrier_secrets.get(c.auth.secret_ref, ""), c.auth.kind, frozenset(options),
+            carrier_secrets.get(c.auth.callback_secret_ref or "", ""))
     return carriers
 
 

@@ -3,7 +3,6 @@ and databases (a SQLite file and a private PostgreSQL server)."""
 
 from __future__ import annotations
 
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 from temporalio.api.enums.v1 import IndexedValueType
@@ -20,6 +20,8 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from callback_receiver import CallbackReceiver
+from carriers.dev_secrets import generate_dev_secrets
 from carriers.loader import default_registry
 from carriers.pool import AdapterPool
 from models.interactions import InteractionStore
@@ -27,15 +29,14 @@ from settings import Settings, venv_binary
 from simulators.core import SimulatorCore
 from simulators.server import sim_carriers, start_simulator
 from starter import SubscriptionClient
-from tests.postgres import private_postgres
+from tests.postgres import free_port, private_postgres
 from worker import build_worker, prepare_database
 from workflows import search_attributes as sa
 
 
 @pytest.fixture(scope="session")
 def carrier_secrets() -> dict[str, str]:
-    registry = default_registry()
-    return {c.auth.secret_ref: secrets.token_urlsafe(16) for c in registry.carriers.values()}
+    return generate_dev_secrets(default_registry())
 
 
 @dataclass
@@ -90,9 +91,12 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, str]) -> Settings:
+    callback_port = free_port()
     return Settings(
         database_url=sqlite_url,
         task_queue=f"test-{uuid.uuid4()}",
+        callback_base_url=f"http://127.0.0.1:{callback_port}",
+        callback_port=callback_port,
         simulator_urls={"sim": simulator.url},
         carrier_secrets={k: SecretStr(v) for k, v in carrier_secrets.items()},
         carrier_timeout_seconds=2.0,
@@ -131,6 +135,20 @@ async def worker(
     async with build_worker(temporal_env.client, settings, engine, adapters) as running:
         yield running
     await adapters.aclose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def callback_receiver(
+    temporal_env: WorkflowEnvironment, settings: Settings, engine: Engine
+) -> AsyncIterator[CallbackReceiver]:
+    """The real receiver on the port the adapters give carriers as their callback URL."""
+    receiver = CallbackReceiver(temporal_env.client, default_registry(), settings,
+                                InteractionStore(engine).record)
+    runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.callback_port).start()
+    yield receiver
+    await runner.cleanup()
 
 
 @pytest.fixture(scope="session")

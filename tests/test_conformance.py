@@ -11,8 +11,11 @@ import uuid
 from decimal import Decimal
 from typing import Literal
 
+import httpx
 import pytest
 from pydantic import SecretStr
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
 
 from carriers.base import (
     Capability,
@@ -23,11 +26,13 @@ from carriers.base import (
     RefundRequest,
     StatusRequest,
 )
+from carriers.dev_secrets import rsa_private_pem
 from carriers.factory import build_adapter
 from carriers.http import InteractionRecord
 from carriers.loader import CarrierConfig, default_registry
 from carriers.numbers import sample_msisdn
 from models.money import to_decimal
+from models.tables import CarrierInteraction
 from settings import Settings
 from tests.conftest import Simulator
 
@@ -182,7 +187,8 @@ async def test_throttling_is_transient_with_retry_after(harness: Harness) -> Non
 
 async def test_bad_credentials_are_a_permanent_rejection(harness: Harness) -> None:
     secrets = dict(harness.settings.carrier_secrets)
-    secrets[harness.carrier.auth.secret_ref] = SecretStr("wrong-secret")
+    wrong_secret = rsa_private_pem() if harness.carrier.auth.kind == "jwt-rs256" else "wrong"
+    secrets[harness.carrier.auth.secret_ref] = SecretStr(wrong_secret)
     wrong = harness.settings.model_copy(update={"carrier_secrets": secrets})
     adapter: CarrierAdapter = build_adapter(harness.carrier, wrong, harness._record)
     try:
@@ -191,3 +197,57 @@ async def test_bad_credentials_are_a_permanent_rejection(harness: Harness) -> No
         await adapter.aclose()
     assert result.outcome is Outcome.REJECTED
     assert await harness.debits() == 0
+
+
+def callback_rows(engine: Engine, key: str) -> list[CarrierInteraction]:
+    with Session(engine) as session:
+        return list(session.exec(select(CarrierInteraction).where(
+            CarrierInteraction.idempotency_key == key,
+            CarrierInteraction.operation == "callback")))
+
+
+def skip_unless_callbacks(harness: Harness) -> None:
+    if harness.carrier.interaction != "callback":
+        pytest.skip(f"{harness.carrier.id} answers without callbacks")
+
+
+async def test_duplicated_callbacks_are_verified_and_change_nothing(
+    harness: Harness, engine: Engine
+) -> None:
+    skip_unless_callbacks(harness)
+    await harness.sim.fault(harness.carrier.id, "duplicate_callback", harness.msisdn)
+    key = f"sub-{_rng.randint(10**8, 10**9)}-c1-a0"  # names a workflow that does not exist
+    result = await harness.charge(harness.charge_request(key))
+    assert result.outcome is Outcome.SUCCEEDED
+    for _ in range(50):
+        if len(callback_rows(engine, key)) == 2:
+            break
+        await asyncio.sleep(0.1)
+    rows = callback_rows(engine, key)
+    assert [(r.status_code, r.outcome) for r in rows] == [(200, "succeeded (late)")] * 2
+    assert await harness.debits() == 1
+
+
+async def test_a_callback_that_never_comes_is_settled_by_status(
+    harness: Harness, engine: Engine
+) -> None:
+    skip_unless_callbacks(harness)
+    await harness.sim.fault(harness.carrier.id, "no_callback", harness.msisdn)
+    request = harness.charge_request(f"sub-{_rng.randint(10**8, 10**9)}-c1-a0")
+    first = await harness.adapter.charge(request)
+    assert first.outcome is Outcome.PENDING
+    await asyncio.sleep(0.6)
+    assert callback_rows(engine, request.idempotency_key) == []
+    settled = await harness.settled(first, request.idempotency_key)
+    assert settled.outcome is Outcome.SUCCEEDED
+    assert await harness.debits() == 1
+
+
+async def test_forged_callbacks_are_refused(harness: Harness, settings: Settings) -> None:
+    skip_unless_callbacks(harness)
+    body = b'{"order_id": "sub-1-c1-a0", "status": "completed", "payment_id": "forged"}'
+    async with httpx.AsyncClient() as client:
+        reply = await client.post(
+            f"{settings.callback_base_url}/callbacks/{harness.carrier.id}", content=body,
+            headers={"X-Callback-Signature": "0" * 64})
+    assert reply.status_code == 401

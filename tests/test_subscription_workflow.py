@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -227,10 +228,49 @@ async def test_pending_charges_are_settled_by_polling_on_durable_timers(
     entries = ledger_of(engine, started.subscription_id)
     assert len(books) == 2
     assert [e.carrier_reference for e in entries] == [t["serverReferenceCode"] for t in books]
-    summaries = [
+    assert any("by status look-up" in s for s in await activity_summaries(handle))
+    await client.cancel_subscription(started.subscription_id)
+
+
+async def activity_summaries(handle: object) -> list[str]:
+    return [
         event.user_metadata.summary.data.decode()
-        async for event in handle.fetch_history_events()
+        async for event in handle.fetch_history_events()  # type: ignore[attr-defined]
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
-    assert any("by status look-up" in s for s in summaries)
+
+
+@pytest.mark.parametrize(("fault", "settled_by"), [
+    ("duplicate_callback", "by reported result"),
+    ("no_callback", "by status look-up"),
+])
+async def test_callback_carrier_charges_settle_once_whatever_the_callbacks_do(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, fault: str, settled_by: str,
+) -> None:
+    registry = default_registry()
+    carrier = registry.carriers["es-cobromovil"]
+    msisdn = sample_msisdn(carrier, registry, random.Random(fault))
+    await simulator.fault(carrier.id, fault, msisdn)
+    started = await client.start_subscription(StartSubscriptionRequest(
+        msisdn=msisdn, product_id="game-pass", amount_minor=499, currency="EUR",
+        period=Period.MONTHLY))
+    handle = client.handle(started.subscription_id)
+    # the charge is acknowledged at once; its result comes by callback, or not at all
+    for _ in range(100):
+        state = await handle.query(SubscriptionWorkflow.state)
+        if state.charges_succeeded:
+            break
+        await asyncio.sleep(0.05)
+        if fault == "no_callback":
+            await temporal_env.sleep(timedelta(seconds=10))
+    assert state.charges_succeeded == 1
+    assert len(await simulator.transactions(carrier.id, msisdn)) == 1
+    assert len(ledger_of(engine, started.subscription_id)) == 1
+    summaries = await activity_summaries(handle)
+    assert any(settled_by in s for s in summaries)
+    if fault == "duplicate_callback":  # the second copy changed nothing
+        assert sum(settled_by in s for s in summaries) == 1
+    else:
+        assert not any("by reported result" in s for s in summaries)
     await client.cancel_subscription(started.subscription_id)

@@ -49,7 +49,7 @@ class RefundWorkflow:
             return await attempt(replace(refund, settling=True, reported=report),
                                  f"settle refund by {source}")
 
-        first = await attempt(refund, f"refund cycle {request.cycle} of subscription "
-                                      f"{request.subscription_id}")
-        return await self._settler.settle(refund_key(request.subscription_id, request.cycle),
-                                          first, request.settle_delays_seconds, settle)
+        summary = f"refund cycle {request.cycle} of subscription {request.subscription_id}"
+        return await self._settler.run(refund_key(request.subscription_id, request.cycle),
+                                       lambda: attempt(refund, summary),
+                                       request.settle_delays_seconds, settle)

@@ -32,19 +32,21 @@ class PendingSettler:
         if report.idempotency_key == self.awaiting:
             self._reports[report.idempotency_key] = report
 
-    async def settle(
+    async def run(
         self,
         key: str,
-        first: R,
+        first: Callable[[], Awaitable[R]],
         delays: list[float],
         attempt: Callable[[CarrierReport | None], Awaitable[R]],
     ) -> R:
-        """``attempt(report)`` runs the settling activity. Never gives up: an ambiguous
-        operation may have moved money, so the last delay repeats until it is final."""
-        result, settles = first, 0
+        """``first()`` sends the operation; while it is pending, ``attempt(report)`` settles it.
+        A callback may beat the first answer, so reports are accepted from the start. Never
+        gives up: an ambiguous operation may have moved money, so the last delay repeats."""
+        settles = 0
         delays = delays or [60.0]
         self.awaiting = key
         try:
+            result = await first()
             while result.outcome == "pending":
                 delay = delays[min(settles, len(delays) - 1)]
                 settles += 1

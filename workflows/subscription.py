@@ -170,9 +170,9 @@ class SubscriptionWorkflow:
             source = "reported result" if report else "status look-up"
             return await self._run_charge(charge, f"settle {charge.idempotency_key} by {source}")
 
-        first = await self._run_charge(charge, summary)
-        return await self._settler.settle(charge.idempotency_key, first,
-                                          self._input.plan.settle_delays_seconds, settle)
+        return await self._settler.run(
+            charge.idempotency_key, lambda: self._run_charge(charge, summary),
+            self._input.plan.settle_delays_seconds, settle)
 
     async def _run_charge(self, charge: ChargeInput, summary: str) -> ChargeOutput:
         return await workflow.execute_activity_method(

@@ -1,0 +1,112 @@
+"""The callback receiver: carriers POST results to /callbacks/{carrier_id}; each is verified,
+recorded (redacted) and relayed as a ``carrier_result`` signal to the workflow waiting for it.
+
+Duplicate and late callbacks are harmless: the workflow keeps only the result it waits for,
+and a callback for a workflow that has finished is acknowledged and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from activities.messages import CarrierReport, workflow_id_for_key
+from carriers.callback_aggregator import CallbackRejected
+from carriers.callback_aggregator import parse_callback as parse_aggregator_callback
+from carriers.http import InteractionRecord, InteractionSink
+from carriers.loader import Registry, default_registry
+from carriers.redaction import redact
+from models.db import make_engine
+from models.interactions import InteractionStore
+from settings import Settings, get_settings
+
+CALLBACK_PARSERS = {"callback-aggregator": parse_aggregator_callback}
+
+log = logging.getLogger("callback_receiver")
+
+
+class CallbackReceiver:
+    def __init__(self, client: Client, registry: Registry, settings: Settings,
+                 sink: InteractionSink) -> None:
+        self._client = client
+        self._registry = registry
+        self._settings = settings
+        self._sink = sink
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/callbacks/{carrier_id}", self.receive)
+        return app
+
+    async def _record(self, carrier_id: str, key: str, request: web.Request, body: bytes,
+                      status: int, outcome: str, started: float, error: str | None = None) -> None:
+        await self._sink(InteractionRecord(
+            carrier_id=carrier_id, operation="callback", idempotency_key=key, method="POST",
+            url=redact(str(request.rel_url)), request_body=redact(body.decode("utf-8", "replace")),
+            status_code=status, response_body="", outcome=outcome, error=error,
+            latency_ms=int((time.perf_counter() - started) * 1000)))
+
+    async def receive(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        carrier_id = request.match_info["carrier_id"]
+        carrier = self._registry.carriers.get(carrier_id)
+        parser = CALLBACK_PARSERS.get(carrier.protocol) if carrier else None
+        if carrier is None or parser is None or not carrier.auth.callback_secret_ref:
+            raise web.HTTPNotFound(text="no callbacks for this carrier")
+        secret = self._settings.carrier_secrets.get(carrier.auth.callback_secret_ref)
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            if secret is None:
+                raise CallbackRejected("no callback secret configured")
+            report: CarrierReport = parser(body, headers, secret.get_secret_value())
+        except CallbackRejected as exc:
+            await self._record(carrier_id, "", request, body, 401, "rejected", started, str(exc))
+            raise web.HTTPUnauthorized(text=str(exc)) from None
+        workflow_id = workflow_id_for_key(report.idempotency_key)
+        if workflow_id is None:
+            await self._record(carrier_id, report.idempotency_key, request, body, 400,
+                               "rejected", started, "key names no workflow")
+            raise web.HTTPBadRequest(text="unknown order")
+        try:
+            await self._client.get_workflow_handle(workflow_id).signal("carrier_result", report)
+            delivered = "relayed"
+        except RPCError as exc:  # finished or unknown workflow: a late callback
+            log.info("callback for %s not relayed: %s", workflow_id, exc.message)
+            delivered = "late"
+        await self._record(carrier_id, report.idempotency_key, request, body, 200,
+                           f"{report.outcome} ({delivered})", started)
+        return web.json_response({"status": delivered})
+
+
+async def run_receiver(settings: Settings) -> None:
+    engine = make_engine(settings.database_url)
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    receiver = CallbackReceiver(client, default_registry(), settings,
+                                InteractionStore(engine).record)
+    runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.callback_port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("receiving callbacks on port %s", settings.callback_port)
+    await stop.wait()
+    await runner.cleanup()
+    engine.dispose()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(run_receiver(get_settings()))
+
+
+if __name__ == "__main__":
+    main()

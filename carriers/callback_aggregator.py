@@ -1,0 +1,126 @@
+"""Aggregator with callbacks (in the style of Fortumo): every request is only acknowledged;
+the result arrives later as a signed callback to us. Requests carry an RS256 JWT binding the
+body's SHA-256; callbacks carry an HMAC-SHA256 of their body and may repeat.
+
+POST {base}/payments, POST {base}/refunds (202 + id); GET {base}/payments?order_id=KEY
+(and /refunds) for the fallback when a callback never comes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from activities.messages import CarrierReport
+from carriers.auth import callback_signature
+from carriers.base import (
+    Capability,
+    CarrierAdapter,
+    ChargeRequest,
+    OperationResult,
+    Outcome,
+    RefundRequest,
+    StatusRequest,
+)
+from carriers.http import HttpReply, HttpTransport
+from models.money import format_major
+
+_FAILURES = {
+    "insufficient_funds": Outcome.INSUFFICIENT_FUNDS,
+    "subscriber_barred": Outcome.REJECTED,
+    "limit_exceeded": Outcome.REJECTED,
+    "refund_refused": Outcome.REJECTED,
+}
+
+
+class CallbackRejected(ValueError):
+    pass
+
+
+def outcome_of(body: dict[str, Any]) -> OperationResult:
+    status, reference = body.get("status"), body.get("payment_id") or body.get("refund_id")
+    if status == "completed" and reference:
+        return OperationResult(outcome=Outcome.SUCCEEDED, carrier_reference=str(reference))
+    if status in ("accepted", "pending") and reference:
+        return OperationResult(outcome=Outcome.PENDING, carrier_reference=str(reference))
+    if status == "failed":
+        reason = str(body.get("reason", ""))
+        return OperationResult(outcome=_FAILURES.get(reason, Outcome.REJECTED),
+                               carrier_code=reason)
+    return OperationResult(outcome=Outcome.UNKNOWN, message=f"status {status!r}")
+
+
+def map_reply(reply: HttpReply) -> OperationResult:
+    if reply.status_code in (429, 503):
+        retry_after = reply.headers.get("Retry-After")
+        return OperationResult(outcome=Outcome.TRANSIENT, carrier_code=str(reply.status_code),
+                               retry_after_seconds=float(retry_after) if retry_after else None)
+    if reply.status_code in (401, 403):
+        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
+                               message="signature refused")
+    try:
+        body = json.loads(reply.text)
+    except json.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict) or reply.status_code not in (200, 202):
+        return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=str(reply.status_code),
+                               message=f"malformed response (HTTP {reply.status_code})")
+    return outcome_of(body)
+
+
+def map_lookup(reply: HttpReply) -> OperationResult | None:
+    return None if reply.status_code == 404 else map_reply(reply)
+
+
+def parse_callback(body: bytes, headers: dict[str, str], secret: str) -> CarrierReport:
+    """Verifies and reads one callback; raises CallbackRejected for anything not genuine."""
+    given = headers.get("x-callback-signature", "")
+    if not hmac.compare_digest(callback_signature(secret, body), given):
+        raise CallbackRejected("bad callback signature")
+    try:
+        data = json.loads(body)
+        key = str(data["order_id"])
+    except (ValueError, KeyError, TypeError):
+        raise CallbackRejected("malformed callback") from None
+    result = outcome_of(data)
+    return CarrierReport(idempotency_key=key, outcome=result.outcome.value,
+                         carrier_reference=result.carrier_reference,
+                         carrier_code=result.carrier_code, message=result.message)
+
+
+class CallbackAggregatorAdapter(CarrierAdapter):
+    capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
+
+    def __init__(self, transport: HttpTransport, callback_url: str) -> None:
+        self.carrier_id = transport.carrier_id
+        self._transport = transport
+        self._callback_url = callback_url
+
+    async def charge(self, request: ChargeRequest) -> OperationResult:
+        body = {"order_id": request.idempotency_key, "msisdn": request.msisdn,
+                "amount": format_major(request.amount_minor, request.currency),
+                "currency": request.currency, "description": request.description,
+                "callback_url": self._callback_url}
+        return await self._transport.send(operation="charge", idempotency_key=request.idempotency_key,
+                                          method="POST", path="/payments", json=body,
+                                          mapper=map_reply)
+
+    async def refund(self, request: RefundRequest) -> OperationResult:
+        body = {"order_id": request.idempotency_key,
+                "payment_id": request.original_carrier_reference,
+                "amount": format_major(request.amount_minor, request.currency),
+                "currency": request.currency, "callback_url": self._callback_url}
+        return await self._transport.send(operation="refund", idempotency_key=request.idempotency_key,
+                                          method="POST", path="/refunds", json=body,
+                                          mapper=map_reply)
+
+    async def status(self, request: StatusRequest) -> OperationResult | None:
+        path = "/payments" if request.operation == "charge" else "/refunds"
+        return await self._transport.lookup(operation="status", idempotency_key=request.idempotency_key,
+                                            method="GET", path=path,
+                                            params={"order_id": request.idempotency_key},
+                                            mapper=map_lookup)
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
