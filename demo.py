@@ -46,7 +46,7 @@ from starter import StartSubscriptionRequest, SubscriptionClient
 
 DATA_DIR = PROJECT_ROOT / ".data" / "demo"
 SIM_PORT = 8701
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 110)
 
 
 @dataclass
@@ -175,7 +175,8 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     seed_reference_data(engine, registry)
     env = stack.env(CB_DATABASE_URL=db_url,
                     CB_SIMULATOR_URLS=json.dumps({"sim": sim_url}))
-    console.print("starting a worker …")
+    console.print("starting the callback receiver and a worker …")
+    stack.start_callback_receiver(env)
     stack.start_worker("worker", env)
 
     client = await SubscriptionClient.connect(settings)

@@ -93,6 +93,14 @@ class Stack:
     def start_worker(self, name: str, env: dict[str, str]) -> None:
         self.spawn(name, [sys.executable, str(PROJECT_ROOT / "worker.py")], env)
 
+    def start_callback_receiver(self, env: dict[str, str], port: int = 8702) -> None:
+        if not port_is_free(port):
+            raise RuntimeError(f"port {port} is taken: is another callback receiver running?")
+        env = {**env, "CB_CALLBACK_PORT": str(port),
+               "CB_CALLBACK_BASE_URL": f"http://127.0.0.1:{port}"}
+        self.spawn("callbacks", [sys.executable, str(PROJECT_ROOT / "callback_receiver.py")], env)
+        wait_for_port(port)
+
     def stop(self) -> None:
         for _name, child in reversed(self.children):
             if child.poll() is None:
