@@ -64,6 +64,15 @@ class OperationResult(BaseModel):
     retry_after_seconds: float | None = None
 
 
+class BalanceResult(BaseModel):
+    """The subscriber's spendable balance, or why it could not be had."""
+
+    outcome: Outcome
+    amount_minor: int | None = None
+    currency: str | None = None
+    message: str = ""
+
+
 class UnsupportedOperation(Exception):
     def __init__(self, carrier_id: str, capability: Capability) -> None:
         super().__init__(f"carrier {carrier_id} does not offer {capability.value}")
@@ -85,6 +94,9 @@ class CarrierAdapter(abc.ABC):
         """The final or pending result of the earlier operation, or None when the carrier has
         no record of it (it never took effect, so sending it again is safe)."""
         raise UnsupportedOperation(self.carrier_id, Capability.STATUS)
+
+    async def balance(self, msisdn: str, currency: str) -> BalanceResult:
+        raise UnsupportedOperation(self.carrier_id, Capability.BALANCE)
 
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities

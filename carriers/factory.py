@@ -10,6 +10,7 @@ from carriers.callback_aggregator import CallbackAggregatorAdapter
 from carriers.http import HttpTransport, InteractionSink
 from carriers.loader import CarrierConfig
 from carriers.oneapi import OneApiAdapter
+from carriers.parlayx import ParlayXAdapter
 from carriers.polling_aggregator import PollingAggregatorAdapter
 from settings import Settings
 
@@ -41,12 +42,14 @@ def build_adapter(
     carrier: CarrierConfig, settings: Settings, sink: InteractionSink
 ) -> CarrierAdapter:
     secret = carrier_secret(carrier, settings)
-    auth: httpx.Auth
+    auth: httpx.Auth | None
     if carrier.auth.kind == "jwt-rs256":
         try:
             auth = JwtBodySigner(carrier.auth.username, secret)
         except ValueError as exc:
             raise CarrierConfigError(f"carrier {carrier.id}: {exc}") from None
+    elif carrier.auth.kind in ("wsse", "parlayx-header"):
+        auth = None  # SOAP-level: the adapter puts credentials in the envelope
     elif carrier.auth.kind == "hmac":
         auth = HmacRequestSigner(carrier.auth.username, secret)
     elif carrier.auth.kind == "oauth2":
@@ -65,6 +68,8 @@ def build_adapter(
     )
     if carrier.protocol == "oneapi":
         return OneApiAdapter(transport, form_encoded=carrier.request_format == "form")
+    if carrier.protocol == "parlayx":
+        return ParlayXAdapter(transport, carrier.auth.kind, carrier.auth.username, secret)
     if carrier.protocol == "polling-aggregator":
         return PollingAggregatorAdapter(transport)
     if carrier.protocol == "callback-aggregator":

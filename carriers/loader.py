@@ -56,7 +56,7 @@ class CountryConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    kind: Literal["basic", "oauth2", "hmac", "jwt-rs256"]
+    kind: Literal["basic", "oauth2", "hmac", "jwt-rs256", "wsse", "parlayx-header"]
     # the user name (basic), client id (oauth2), API key (hmac) or merchant id (jwt-rs256)
     username: str
     # key into settings.carrier_secrets (jwt-rs256: our private key, PEM); the secret itself
@@ -94,7 +94,7 @@ class PricePointConfig(_Strict):
 class CarrierConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     name: str
-    protocol: Literal["oneapi", "polling-aggregator", "callback-aggregator"]
+    protocol: Literal["oneapi", "parlayx", "polling-aggregator", "callback-aggregator"]
     base_url: str
     # oneapi: JSON bodies, or the older form-encoded variant
     request_format: Literal["json", "form"] = "json"
@@ -102,6 +102,8 @@ class CarrierConfig(_Strict):
     timezone: str
     locale: str
     number_prefixes: list[str] = Field(default_factory=list)
+    # behaviours of this carrier's gateway the simulator reproduces (e.g. "faults-in-faultcode")
+    quirks: list[str] = Field(default_factory=list)
     # how results arrive: in the response, by polling, or by a callback to us
     interaction: Literal["sync", "poll", "callback"] = "sync"
     # after a pending answer: waits, in seconds, between status look-ups (the last repeats);

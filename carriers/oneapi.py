@@ -20,21 +20,9 @@ from carriers.base import (
     RefundRequest,
     StatusRequest,
 )
+from carriers.exceptions import outcome_for
 from carriers.http import HttpReply, HttpTransport
 from models.money import format_major
-
-# policy/service exception ids and what they mean for us
-_EXCEPTION_OUTCOMES: dict[str, Outcome] = {
-    "POL1000": Outcome.INSUFFICIENT_FUNDS,  # insufficient credit
-    "POL1001": Outcome.REJECTED,  # operator spend limit for the period
-    "POL1002": Outcome.TRANSIENT,  # too soon after the previous charge
-    "POL0253": Outcome.REJECTED,  # user refused
-    "POL0001": Outcome.REJECTED,  # generic policy error (barred, blocked service)
-    "SVC0270": Outcome.REJECTED,  # charge not applied
-    "SVC0001": Outcome.REJECTED,
-    "SVC0002": Outcome.REJECTED,  # invalid input
-    "SVC0005": Outcome.UNKNOWN,  # correlator already used for another request
-}
 
 
 def end_user_id(msisdn: str) -> str:
@@ -126,12 +114,8 @@ def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
         exception = error.get("policyException") or error.get("serviceException")
         if isinstance(exception, dict):
             message_id = str(exception.get("messageId", ""))
-            outcome = _EXCEPTION_OUTCOMES.get(message_id)
-            if outcome is None:
-                # an unlisted policy refusal is final; an unlisted service error is not known
-                outcome = Outcome.REJECTED if message_id.startswith("POL") else Outcome.UNKNOWN
             return OperationResult(
-                outcome=outcome,
+                outcome=outcome_for(message_id),
                 carrier_code=message_id,
                 message=str(exception.get("text", "")),
                 retry_after_seconds=_retry_after(reply),

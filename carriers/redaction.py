@@ -19,8 +19,14 @@ def _mask(match: re.Match[str]) -> str:
     return prefix + mask_msisdn(digits).lstrip("+")
 
 
+# credentials derived from a secret inside SOAP headers (WS-Security, vendor headers)
+_XML_CREDENTIALS = re.compile(
+    r"(<(?:[\w-]+:)?(?:Password|spPassword|Nonce)\b[^>]*>)[^<]*(</)")
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
+    text = _XML_CREDENTIALS.sub(r"\1***\2", text)
     return _MSISDN.sub(_mask, text)

@@ -16,6 +16,7 @@ from carriers.loader import Registry, default_registry
 from simulators.callback_aggregator import CallbackAggregator
 from simulators.core import SimCarrier, SimulatorCore
 from simulators.oneapi import OneApiCarrier
+from simulators.parlayx import ParlayXCarrier
 from simulators.polling_aggregator import PollingAggregator
 
 
@@ -25,6 +26,7 @@ class Family(Protocol):
 
 FAMILIES: dict[str, Callable[[SimulatorCore], Family]] = {
     "oneapi": OneApiCarrier,
+    "parlayx": ParlayXCarrier,
     "polling-aggregator": PollingAggregator,
     "callback-aggregator": CallbackAggregator,
 }
@@ -33,7 +35,7 @@ FAMILIES: dict[str, Callable[[SimulatorCore], Family]] = {
 def sim_carriers(registry: Registry, carrier_secrets: dict[str, str]) -> dict[str, SimCarrier]:
     carriers = {}
     for c in registry.carriers.values():
-        options = {"quirky_echo"} if c.request_format == "form" else set()
+        options = set(c.quirks) | ({"quirky_echo"} if c.request_format == "form" else set())
         carriers[c.id] = SimCarrier(
             c.id, c.protocol, registry.currency_of(c.id), c.auth.username,
             carrier_secrets.get(c.auth.secret_ref, ""), c.auth.kind, frozenset(options),

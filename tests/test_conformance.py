@@ -251,3 +251,13 @@ async def test_forged_callbacks_are_refused(harness: Harness, settings: Settings
             f"{settings.callback_base_url}/callbacks/{harness.carrier.id}", content=body,
             headers={"X-Callback-Signature": "0" * 64})
     assert reply.status_code == 401
+
+
+async def test_balance_where_offered(harness: Harness) -> None:
+    if not harness.adapter.supports(Capability.BALANCE):
+        pytest.skip(f"{harness.carrier.id} declares no balance look-up")
+    await harness.sim.set_balance(harness.carrier.id, harness.msisdn, "12.5")
+    balance = await harness.adapter.balance(harness.msisdn, harness.currency)
+    assert balance.outcome is Outcome.SUCCEEDED
+    assert balance.currency == harness.currency
+    assert to_decimal(balance.amount_minor or 0, harness.currency) == Decimal("12.5")

@@ -1,0 +1,208 @@
+"""Parlay X over SOAP (3GPP TS 29.199): Payment ``chargeAmount`` / ``refundAmount`` and Account
+Management ``getBalance``. zeep builds and reads the envelopes from the WSDLs in
+``carriers/wsdl/parlayx``; the shared HttpTransport sends them, so classification and
+interaction records are the same as for REST carriers.
+
+Authentication is SOAP-level: a WS-Security UsernameToken (digest), or the vendor
+``RequestSOAPHeader`` (spId, timeStamp YYYYMMDDHHMMSS, spPassword = MD5(spId+password+timeStamp)).
+Faults are ``ServiceException`` / ``PolicyException``, read from the fault ``detail`` or, as some
+gateways send them, from ``faultcode`` / ``faultstring``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import zeep
+from lxml import etree
+from zeep.exceptions import Fault, TransportError, XMLSyntaxError
+from zeep.wsse.username import UsernameToken
+
+from carriers.base import (
+    BalanceResult,
+    Capability,
+    CarrierAdapter,
+    ChargeRequest,
+    OperationResult,
+    Outcome,
+    RefundRequest,
+    StatusRequest,
+)
+from carriers.exceptions import outcome_for
+from carriers.http import HttpReply, HttpTransport
+from models.money import format_major, from_decimal
+
+WSDL_DIR = Path(__file__).resolve().parent / "wsdl" / "parlayx"
+PAYMENT_WSDL = WSDL_DIR / "parlayx_payment_amount_charging_2_1.wsdl"
+ACCOUNT_WSDL = WSDL_DIR / "parlayx_account_management_service_2_2.wsdl"
+PAYMENT_PATH = "/AmountChargingService"
+ACCOUNT_PATH = "/AccountManagementService"
+VENDOR_HEADER_NS = "http://www.huawei.com.cn/schema/common/v2_1"
+_EXCEPTION_ID = re.compile(r"\b((?:SVC|POL)\d{4})\b")
+
+
+def sp_password(sp_id: str, password: str, timestamp: str) -> str:
+    return hashlib.md5((sp_id + password + timestamp).encode()).hexdigest().upper()  # noqa: S324
+
+
+def request_soap_header(sp_id: str, password: str, now: datetime) -> etree._Element:
+    timestamp = now.strftime("%Y%m%d%H%M%S")
+    header = etree.Element(f"{{{VENDOR_HEADER_NS}}}RequestSOAPHeader", nsmap={"v2": VENDOR_HEADER_NS})
+    for name, value in (("spId", sp_id), ("spPassword", sp_password(sp_id, password, timestamp)),
+                        ("timeStamp", timestamp)):
+        etree.SubElement(header, f"{{{VENDOR_HEADER_NS}}}{name}").text = value
+    return header
+
+
+@dataclass
+class _SoapReply:
+    """What zeep's binding reads from an HTTP reply."""
+
+    status_code: int
+    content: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    encoding: str = "utf-8"
+
+
+def _fault_outcome(fault: Fault) -> OperationResult:
+    message_id = ""
+    if fault.detail is not None:
+        for element in fault.detail.iter():
+            if isinstance(element.tag, str) and etree.QName(element).localname == "messageId":
+                message_id = (element.text or "").strip()
+                break
+    if not message_id:  # some gateways put the id in faultcode or faultstring instead
+        found = _EXCEPTION_ID.search(f"{fault.code or ''} {fault.message or ''}")
+        message_id = found.group(1) if found else ""
+    if not message_id:
+        return OperationResult(outcome=Outcome.UNKNOWN, message=f"SOAP fault: {fault.message}")
+    return OperationResult(outcome=outcome_for(message_id), carrier_code=message_id,
+                           message=str(fault.message or ""))
+
+
+class ParlayXAdapter(CarrierAdapter):
+    capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS,
+                              Capability.BALANCE})
+
+    def __init__(self, transport: HttpTransport, auth_kind: str, username: str,
+                 secret: str) -> None:
+        self.carrier_id = transport.carrier_id
+        self._transport = transport
+        wsse = UsernameToken(username, secret, use_digest=True) if auth_kind == "wsse" else None
+        self._payment = zeep.Client(str(PAYMENT_WSDL), wsse=wsse)
+        self._account = zeep.Client(str(ACCOUNT_WSDL), wsse=wsse)
+        self._vendor_header = (username, secret) if auth_kind == "parlayx-header" else None
+
+    def _envelope(self, client: zeep.Client, operation: str, **params: Any) -> str:
+        if self._vendor_header:
+            params["_soapheaders"] = [request_soap_header(*self._vendor_header, datetime.now(UTC))]
+        message = client.create_message(client.service, operation, **params)
+        return str(etree.tostring(message, encoding="unicode"))
+
+    @staticmethod
+    def _read(client: zeep.Client, operation: str, reply: HttpReply) -> tuple[Any, OperationResult | None]:
+        """The operation's result, or the outcome its failure means."""
+        if reply.status_code in (429, 503):
+            retry_after = reply.headers.get("Retry-After")
+            return None, OperationResult(
+                outcome=Outcome.TRANSIENT, carrier_code=str(reply.status_code),
+                retry_after_seconds=float(retry_after) if retry_after else None)
+        if reply.status_code in (401, 403):
+            return None, OperationResult(outcome=Outcome.REJECTED,
+                                         carrier_code=str(reply.status_code))
+        binding = client.service._binding
+        shim = _SoapReply(reply.status_code, reply.text.encode(), dict(reply.headers))
+        try:
+            return binding.process_reply(client, binding.get(operation), shim), None
+        except Fault as fault:
+            return None, _fault_outcome(fault)
+        except (XMLSyntaxError, TransportError, etree.XMLSyntaxError) as exc:
+            return None, OperationResult(
+                outcome=Outcome.UNKNOWN, carrier_code=str(reply.status_code),
+                message=f"malformed response (HTTP {reply.status_code}): {type(exc).__name__}")
+
+    async def _call(self, operation: str, key: str, **params: Any) -> OperationResult:
+        def mapper(reply: HttpReply) -> OperationResult:
+            _, failure = self._read(self._payment, operation, reply)
+            return failure or OperationResult(outcome=Outcome.SUCCEEDED, carrier_reference=key)
+
+        return await self._transport.send(
+            operation="charge" if operation == "chargeAmount" else "refund",
+            idempotency_key=key, method="POST", path=PAYMENT_PATH,
+            content=self._envelope(self._payment, operation, **params),
+            headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'},
+            mapper=mapper)
+
+    @staticmethod
+    def _charging(amount_minor: int, currency: str, description: str) -> dict[str, str]:
+        return {"description": description, "currency": currency,
+                "amount": format_major(amount_minor, currency)}
+
+    async def charge(self, request: ChargeRequest) -> OperationResult:
+        return await self._call(
+            "chargeAmount", request.idempotency_key, endUserIdentifier=f"tel:{request.msisdn}",
+            charge=self._charging(request.amount_minor, request.currency, request.description),
+            referenceCode=request.idempotency_key)
+
+    async def refund(self, request: RefundRequest) -> OperationResult:
+        return await self._call(
+            "refundAmount", request.idempotency_key, endUserIdentifier=f"tel:{request.msisdn}",
+            charge=self._charging(request.amount_minor, request.currency, request.description),
+            referenceCode=request.idempotency_key,
+            originalReferenceCode=request.original_carrier_reference)
+
+    async def status(self, request: StatusRequest) -> OperationResult | None:
+        expected: Literal["Charged", "Refunded"] = (
+            "Charged" if request.operation == "charge" else "Refunded")
+
+        def mapper(reply: HttpReply) -> OperationResult | None:
+            result, failure = self._read(self._payment, "getAmountTransactionStatus", reply)
+            if failure:
+                return failure
+            state = str(result)
+            if state == "NotFound":
+                return None
+            if state == expected:
+                return OperationResult(outcome=Outcome.SUCCEEDED,
+                                       carrier_reference=request.idempotency_key)
+            return OperationResult(outcome=Outcome.UNKNOWN, message=f"status {state!r}")
+
+        return await self._transport.lookup(
+            operation="status", idempotency_key=request.idempotency_key, method="POST",
+            path=PAYMENT_PATH, headers={"Content-Type": "text/xml; charset=utf-8",
+                                        "SOAPAction": '""'},
+            content=self._envelope(self._payment, "getAmountTransactionStatus",
+                                   endUserIdentifier=f"tel:{request.msisdn}",
+                                   referenceCode=request.idempotency_key),
+            mapper=mapper)
+
+    async def balance(self, msisdn: str, currency: str) -> BalanceResult:
+        found: list[Decimal] = []
+
+        def mapper(reply: HttpReply) -> OperationResult:
+            result, failure = self._read(self._account, "getBalance", reply)
+            if failure:
+                return failure
+            for entry in result or []:
+                found.append(Decimal(str(entry.amount)))
+            return OperationResult(outcome=Outcome.SUCCEEDED)
+
+        outcome = await self._transport.send(
+            operation="balance", idempotency_key=f"balance-{len(msisdn)}", method="POST",
+            path=ACCOUNT_PATH, headers={"Content-Type": "text/xml; charset=utf-8",
+                                        "SOAPAction": '""'},
+            content=self._envelope(self._account, "getBalance", endUserIdentifier=f"tel:{msisdn}"),
+            mapper=mapper)
+        if outcome.outcome is not Outcome.SUCCEEDED or not found:
+            return BalanceResult(outcome=outcome.outcome, message=outcome.message)
+        return BalanceResult(outcome=Outcome.SUCCEEDED, currency=currency,
+                             amount_minor=from_decimal(sum(found, Decimal(0)), currency))
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

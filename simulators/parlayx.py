@@ -1,0 +1,186 @@
+"""Parlay X carrier over SOAP: AmountCharging and AccountManagement endpoints, serving their
+WSDLs, checking WS-Security UsernameToken digests or the vendor RequestSOAPHeader."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+from decimal import Decimal, InvalidOperation
+from xml.sax.saxutils import escape
+
+from aiohttp import web
+from lxml import etree
+
+from carriers.parlayx import ACCOUNT_WSDL, PAYMENT_WSDL, WSDL_DIR, sp_password
+from simulators.books import CarrierBook, InsufficientFunds, RefundRefused
+from simulators.core import SimCarrier, SimulatorCore, drop_connection
+
+PROTOCOL = "parlayx"
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+PAYMENT_NS = "http://www.csapi.org/schema/parlayx/payment/amount_charging/v2_1/local"
+ACCOUNT_NS = "http://www.csapi.org/schema/parlayx/account_management/v2_2/local"
+COMMON_NS = "http://www.csapi.org/schema/parlayx/common/v2_1"
+SEXT = "{http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd}"
+WSU = "{http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd}"
+
+
+def envelope(body: str) -> str:
+    return (f'<soapenv:Envelope xmlns:soapenv="{SOAP_ENV}"><soapenv:Body>{body}'
+            "</soapenv:Body></soapenv:Envelope>")
+
+
+def _text(parent: etree._Element, name: str) -> str:
+    for element in parent.iter():
+        if isinstance(element.tag, str) and etree.QName(element).localname == name:
+            return (element.text or "").strip()
+    return ""
+
+
+class ParlayXCarrier:
+    def __init__(self, core: SimulatorCore) -> None:
+        self.core = core
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/{carrier}/parlayx/AmountChargingService", self.payment)
+        app.router.add_post("/{carrier}/parlayx/AccountManagementService", self.account)
+        app.router.add_get("/{carrier}/parlayx/AmountChargingService", self._wsdl(PAYMENT_WSDL))
+        app.router.add_get("/{carrier}/parlayx/AccountManagementService",
+                           self._wsdl(ACCOUNT_WSDL))
+        app.router.add_static("/parlayx/wsdl", WSDL_DIR)
+
+    @staticmethod
+    def _wsdl(path: object):  # type: ignore[no-untyped-def]
+        async def serve(_request: web.Request) -> web.FileResponse:
+            return web.FileResponse(str(path))
+        return serve
+
+    # -- faults --------------------------------------------------------------------------------
+
+    @staticmethod
+    def fault(carrier: SimCarrier, kind: str, message_id: str, text: str) -> web.Response:
+        if "faults-in-faultcode" in carrier.options:  # the id only in faultcode/faultstring
+            body = (f"<soapenv:Fault><faultcode>soapenv:Server.{message_id}</faultcode>"
+                    f"<faultstring>{message_id}: {escape(text)}</faultstring></soapenv:Fault>")
+        else:
+            body = (f"<soapenv:Fault><faultcode>soapenv:Server</faultcode>"
+                    f"<faultstring>{escape(text)}</faultstring><detail>"
+                    f'<ns1:{kind} xmlns:ns1="{COMMON_NS}"><messageId>{message_id}</messageId>'
+                    f"<text>{escape(text)}</text></ns1:{kind}></detail></soapenv:Fault>")
+        return web.Response(status=500, text=envelope(body), content_type="text/xml")
+
+    # -- authentication ------------------------------------------------------------------------
+
+    @staticmethod
+    def authenticated(carrier: SimCarrier, document: etree._Element) -> bool:
+        header = document.find(f"{{{SOAP_ENV}}}Header")
+        if header is None:
+            return False
+        if carrier.auth_kind == "wsse":
+            token = header.find(f"{SEXT}Security/{SEXT}UsernameToken")
+            if token is None:
+                return False
+            nonce, created = _text(token, "Nonce"), _text(token, "Created")
+            digest = base64.b64encode(hashlib.sha1(  # noqa: S324 (the WS-Security profile's)
+                base64.b64decode(nonce) + created.encode() + carrier.password.encode()).digest())
+            return _text(token, "Username") == carrier.username and hmac.compare_digest(
+                digest.decode(), _text(token, "Password"))
+        sp_id, timestamp = _text(header, "spId"), _text(header, "timeStamp")
+        expected = sp_password(sp_id, carrier.password, timestamp)
+        return sp_id == carrier.username and hmac.compare_digest(
+            expected, _text(header, "spPassword").upper())
+
+    async def _parse(self, request: web.Request) -> tuple[SimCarrier, etree._Element | None]:
+        carrier = self.core.carrier(request, PROTOCOL)
+        try:
+            return carrier, etree.fromstring(await request.read())
+        except etree.XMLSyntaxError:
+            return carrier, None
+
+    # -- operations ----------------------------------------------------------------------------
+
+    async def account(self, request: web.Request) -> web.Response:
+        carrier, document = await self._parse(request)
+        if document is None:
+            return self.fault(carrier, "ServiceException", "SVC0001", "malformed request")
+        if not self.authenticated(carrier, document):
+            return self.fault(carrier, "PolicyException", "POL0001", "authentication failed")
+        msisdn = _text(document, "endUserIdentifier").removeprefix("tel:")
+        balance = self.core.books[carrier.carrier_id].account(msisdn).balance
+        return web.Response(content_type="text/xml", text=envelope(
+            f'<ns0:getBalanceResponse xmlns:ns0="{ACCOUNT_NS}"><ns0:result>'
+            f"<balanceType>main</balanceType><amount>{balance}</amount>"
+            "</ns0:result></ns0:getBalanceResponse>"))
+
+    async def payment(self, request: web.Request) -> web.StreamResponse:
+        carrier, document = await self._parse(request)
+        if document is None:
+            return self.fault(carrier, "ServiceException", "SVC0001", "malformed request")
+        if not self.authenticated(carrier, document):
+            return self.fault(carrier, "PolicyException", "POL0001", "authentication failed")
+        body = document.find(f"{{{SOAP_ENV}}}Body")
+        operation = etree.QName(body[0]).localname if body is not None and len(body) else ""
+        msisdn = _text(document, "endUserIdentifier").removeprefix("tel:")
+        reference = _text(document, "referenceCode")
+        book = self.core.books[carrier.carrier_id]
+        if operation == "getAmountTransactionStatus":
+            txn = book.by_correlator.get(reference)
+            state = "NotFound" if txn is None or txn.msisdn != msisdn else (
+                "Charged" if txn.kind == "charge" else "Refunded")
+            return web.Response(content_type="text/xml", text=envelope(
+                f'<ns0:getAmountTransactionStatusResponse xmlns:ns0="{PAYMENT_NS}">'
+                f"<ns0:result>{state}</ns0:result></ns0:getAmountTransactionStatusResponse>"))
+        try:
+            amount = Decimal(_text(document, "amount"))
+            currency = _text(document, "currency")
+        except InvalidOperation:
+            return self.fault(carrier, "ServiceException", "SVC0002", "invalid amount")
+        if currency != carrier.currency or amount <= 0 or not reference:
+            return self.fault(carrier, "ServiceException", "SVC0002", "invalid input")
+        previous = book.by_correlator.get(reference)
+        if previous is not None:  # a repeated referenceCode is not applied twice
+            return self._done(operation)
+
+        fault = self.core.take_fault(carrier.carrier_id, msisdn)
+        kind = fault.kind if fault else ""
+        if kind == "latency" and fault:
+            await asyncio.sleep(fault.delay)
+        elif kind in ("error_503", "throttle"):
+            delay = int(fault.delay) if fault and kind == "throttle" else 1
+            return web.Response(status=429 if kind == "throttle" else 503,
+                                headers={"Retry-After": str(delay or 1)})
+        elif kind == "error_500":
+            return web.Response(status=500, text="internal error")
+        elif kind == "malformed":
+            return web.Response(status=200, text="<html><body>gateway", content_type="text/html")
+        elif kind == "insufficient_funds":
+            return self.fault(carrier, "PolicyException", "POL1000", "insufficient credit")
+        try:
+            if operation == "chargeAmount":
+                book.charge(msisdn, amount, reference, reference)
+            elif operation == "refundAmount":
+                book.refund(msisdn, amount, reference, reference,
+                            self._original(book, _text(document, "originalReferenceCode")))
+            else:
+                return self.fault(carrier, "ServiceException", "SVC0001",
+                                  f"unknown operation {operation}")
+        except InsufficientFunds:
+            return self.fault(carrier, "PolicyException", "POL1000", "insufficient credit")
+        except RefundRefused as exc:
+            return self.fault(carrier, "ServiceException", "SVC0270", str(exc))
+        if kind == "timeout_after_debit" and fault:
+            await asyncio.sleep(fault.delay)
+        elif kind == "reset_after_debit":
+            drop_connection(request)
+        return self._done(operation)
+
+    @staticmethod
+    def _original(book: CarrierBook, original_reference: str) -> str:
+        charge = book.by_correlator.get(original_reference)
+        return charge.server_reference if charge is not None else ""
+
+    @staticmethod
+    def _done(operation: str) -> web.Response:
+        return web.Response(content_type="text/xml", text=envelope(
+            f'<ns0:{operation}Response xmlns:ns0="{PAYMENT_NS}"/>'))
