@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from temporalio.client import Client
@@ -19,6 +20,7 @@ from temporalio.service import RPCError
 from activities.messages import CarrierReport, workflow_id_for_key
 from carriers.callback_aggregator import CallbackRejected
 from carriers.callback_aggregator import parse_callback as parse_aggregator_callback
+from carriers.camara import parse_event as parse_camara_event
 from carriers.http import InteractionRecord, InteractionSink
 from carriers.loader import Registry, default_registry
 from carriers.redaction import redact
@@ -26,7 +28,11 @@ from models.db import make_engine
 from models.interactions import InteractionStore
 from settings import Settings, get_settings
 
-CALLBACK_PARSERS = {"callback-aggregator": parse_aggregator_callback}
+CallbackParser = Callable[[bytes, dict[str, str], str, str | None], CarrierReport]
+CALLBACK_PARSERS: dict[str, CallbackParser] = {
+    "callback-aggregator": parse_aggregator_callback,
+    "camara": parse_camara_event,
+}
 
 log = logging.getLogger("callback_receiver")
 
@@ -42,6 +48,8 @@ class CallbackReceiver:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/callbacks/{carrier_id}", self.receive)
+        # carriers whose events do not name our key get a sink URL that does
+        app.router.add_post("/callbacks/{carrier_id}/{key}", self.receive)
         return app
 
     async def _record(self, carrier_id: str, key: str, request: web.Request, body: bytes,
@@ -65,7 +73,8 @@ class CallbackReceiver:
         try:
             if secret is None:
                 raise CallbackRejected("no callback secret configured")
-            report: CarrierReport = parser(body, headers, secret.get_secret_value())
+            report = parser(body, headers, secret.get_secret_value(),
+                            request.match_info.get("key"))
         except CallbackRejected as exc:
             await self._record(carrier_id, "", request, body, 401, "rejected", started, str(exc))
             raise web.HTTPUnauthorized(text=str(exc)) from None

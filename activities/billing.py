@@ -198,7 +198,8 @@ class BillingActivities:
             original_carrier_reference=charge.carrier_reference,
         )
         result = await settle_or_send(
-            adapter, StatusRequest(idempotency_key=key, msisdn=msisdn, operation="refund"),
+            adapter, StatusRequest(idempotency_key=key, msisdn=msisdn, operation="refund",
+                                   original_carrier_reference=charge.carrier_reference),
             lambda: adapter.refund(refund), request.settling, request.reported,
         )
         if result.outcome in _RETRY_SAME_KEY:

@@ -54,6 +54,8 @@ class StatusRequest(BaseModel):
     idempotency_key: str = Field(min_length=1, max_length=128)
     msisdn: str
     operation: Literal["charge", "refund"]
+    # refunds: the carrier's reference of the charge refunded (some APIs file refunds under it)
+    original_carrier_reference: str | None = None
 
 
 class OperationResult(BaseModel):

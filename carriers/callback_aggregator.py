@@ -73,7 +73,8 @@ def map_lookup(reply: HttpReply) -> OperationResult | None:
     return None if reply.status_code == 404 else map_reply(reply)
 
 
-def parse_callback(body: bytes, headers: dict[str, str], secret: str) -> CarrierReport:
+def parse_callback(body: bytes, headers: dict[str, str], secret: str,
+                   _key: str | None = None) -> CarrierReport:
     """Verifies and reads one callback; raises CallbackRejected for anything not genuine."""
     given = headers.get("x-callback-signature", "")
     if not hmac.compare_digest(callback_signature(secret, body), given):

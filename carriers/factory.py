@@ -7,6 +7,7 @@ import httpx
 from carriers.auth import HmacRequestSigner, JwtBodySigner, OAuth2ClientCredentials
 from carriers.base import CarrierAdapter
 from carriers.callback_aggregator import CallbackAggregatorAdapter
+from carriers.camara import CamaraAdapter
 from carriers.http import HttpTransport, InteractionSink
 from carriers.loader import CarrierConfig
 from carriers.oneapi import OneApiAdapter
@@ -72,6 +73,14 @@ def build_adapter(
         return ParlayXAdapter(transport, carrier.auth.kind, carrier.auth.username, secret)
     if carrier.protocol == "polling-aggregator":
         return PollingAggregatorAdapter(transport)
+    if carrier.protocol == "camara":
+        assert carrier.auth.callback_secret_ref is not None
+        sink_token = settings.carrier_secrets.get(carrier.auth.callback_secret_ref)
+        if sink_token is None:
+            raise CarrierConfigError(f"carrier {carrier.id} needs secret "
+                                     f"{carrier.auth.callback_secret_ref!r} for its sink")
+        return CamaraAdapter(transport, f"{settings.callback_base_url}/callbacks/{carrier.id}",
+                             sink_token.get_secret_value())
     if carrier.protocol == "callback-aggregator":
         callback_url = f"{settings.callback_base_url}/callbacks/{carrier.id}"
         return CallbackAggregatorAdapter(transport, callback_url)

@@ -94,7 +94,7 @@ class PricePointConfig(_Strict):
 class CarrierConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     name: str
-    protocol: Literal["oneapi", "parlayx", "polling-aggregator", "callback-aggregator"]
+    protocol: Literal["oneapi", "parlayx", "camara", "polling-aggregator", "callback-aggregator"]
     base_url: str
     # oneapi: JSON bodies, or the older form-encoded variant
     request_format: Literal["json", "form"] = "json"

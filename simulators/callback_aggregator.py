@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import aiohttp
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from carriers.auth import callback_signature
 from simulators.books import InsufficientFunds, RefundRefused
-from simulators.core import SimCarrier, SimulatorCore, drop_connection
+from simulators.core import SimCarrier, SimulatorCore, drop_connection, post_callback
 
 PROTOCOL = "callback-aggregator"
 CALLBACK_DELAY_SECONDS = 0.2
@@ -177,12 +176,5 @@ class CallbackAggregator:
         await asyncio.sleep(CALLBACK_DELAY_SECONDS)
         body = json.dumps(payment.view()).encode()
         signature = callback_signature(carrier.callback_secret, body)
-        try:
-            async with aiohttp.ClientSession() as session, session.post(
-                    url, data=body, headers={"Content-Type": "application/json",
-                                             "X-Callback-Signature": signature},
-                    timeout=aiohttp.ClientTimeout(total=10)) as reply:
-                await reply.read()
+        if await post_callback(url, body, {"X-Callback-Signature": signature}):
             self.callbacks_sent += 1
-        except (aiohttp.ClientError, TimeoutError):
-            pass  # a lost callback: the client falls back to looking the payment up

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from carriers.loader import Registry, default_registry
 from simulators.callback_aggregator import CallbackAggregator
+from simulators.camara import CamaraOperator
 from simulators.core import SimCarrier, SimulatorCore
 from simulators.oneapi import OneApiCarrier
 from simulators.parlayx import ParlayXCarrier
@@ -27,6 +28,7 @@ class Family(Protocol):
 FAMILIES: dict[str, Callable[[SimulatorCore], Family]] = {
     "oneapi": OneApiCarrier,
     "parlayx": ParlayXCarrier,
+    "camara": CamaraOperator,
     "polling-aggregator": PollingAggregator,
     "callback-aggregator": CallbackAggregator,
 }

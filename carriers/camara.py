@@ -1,0 +1,242 @@
+"""CAMARA Carrier Billing (and Carrier Billing Refund): OAuth2 bearer, an ``x-correlator`` on
+every request, one-step ``createPayment`` and the two-step prepare → validate (SMS code) →
+confirm. Results arrive asynchronously as CloudEvents to the ``sink`` we give, authenticated by
+the ``sinkCredential`` access token we hand over.
+
+A repeated ``clientCorrelator`` is refused with 400 rather than replayed, so a retry must not
+resend blindly: the activity looks the payment up (``retrievePayments``) before sending again.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from activities.messages import CarrierReport
+from carriers.base import (
+    Capability,
+    CarrierAdapter,
+    ChargeRequest,
+    OperationResult,
+    Outcome,
+    RefundRequest,
+    StatusRequest,
+)
+from carriers.callback_aggregator import CallbackRejected
+from carriers.http import HttpReply, HttpTransport
+from models.money import to_decimal
+
+EVENT_PREFIXES = ("org.camaraproject.carrier-billing.", "org.camaraproject.carrier-billing-refund.")
+PAGE_SIZE = 100
+MAX_PAGES = 20
+
+
+class PreparedPayment(BaseModel):
+    result: OperationResult
+    payment_id: str | None = None
+    authorization_id: str | None = None
+
+
+def _denial_outcome(reason: str) -> Outcome:
+    # operators state the business reason in words; out-of-credit is the one worth retrying
+    lowered = reason.lower()
+    return Outcome.INSUFFICIENT_FUNDS if "insufficient" in lowered or "balance" in lowered \
+        else Outcome.REJECTED
+
+
+def outcome_of(status: str | None, reference: str | None, reason: str = "") -> OperationResult:
+    if status == "succeeded" and reference:
+        return OperationResult(outcome=Outcome.SUCCEEDED, carrier_reference=reference)
+    if status in ("processing", "pending_validation", "reserved") and reference:
+        return OperationResult(outcome=Outcome.PENDING, carrier_reference=reference)
+    if status in ("denied", "cancelled"):
+        return OperationResult(outcome=_denial_outcome(reason), carrier_code=status,
+                               message=reason)
+    return OperationResult(outcome=Outcome.UNKNOWN, message=f"status {status!r}")
+
+
+def _error(reply: HttpReply, body: Any) -> OperationResult:
+    code = str(body.get("code", "")) if isinstance(body, dict) else ""
+    message = str(body.get("message", "")) if isinstance(body, dict) else ""
+    if reply.status_code in (429, 503):
+        retry_after = reply.headers.get("Retry-After")
+        return OperationResult(outcome=Outcome.TRANSIENT, carrier_code=code or str(reply.status_code),
+                               retry_after_seconds=float(retry_after) if retry_after else None)
+    if reply.status_code in (401, 403):
+        outcome = _denial_outcome(message) if code == "CARRIER_BILLING.PAYMENT_DENIED" \
+            else Outcome.REJECTED
+        return OperationResult(outcome=outcome, carrier_code=code, message=message)
+    if reply.status_code == 400 and "clientCorrelator" in message:
+        # the correlator was used: our earlier request got through; settle by looking it up
+        return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=code, message=message)
+    if reply.status_code in (400, 404, 409, 422):
+        return OperationResult(outcome=Outcome.REJECTED, carrier_code=code, message=message)
+    return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=code or str(reply.status_code),
+                           message=message or f"unexpected HTTP {reply.status_code}")
+
+
+def _json(reply: HttpReply) -> Any:
+    try:
+        return json.loads(reply.text) if reply.text else None
+    except json.JSONDecodeError:
+        return None
+
+
+def map_created(reply: HttpReply, id_field: str, status_field: str) -> OperationResult:
+    body = _json(reply)
+    if reply.status_code not in (200, 201):
+        return _error(reply, body)
+    if not isinstance(body, dict):
+        return OperationResult(outcome=Outcome.UNKNOWN,
+                               message=f"malformed response (HTTP {reply.status_code})")
+    return outcome_of(body.get(status_field), body.get(id_field))
+
+
+def parse_event(body: bytes, headers: dict[str, str], secret: str,
+                key: str | None) -> CarrierReport:
+    """A CloudEvent delivered to our sink; the sink URL carries the idempotency key."""
+    if headers.get("authorization", "") != f"Bearer {secret}" or not key:
+        raise CallbackRejected("bad sink credential")
+    try:
+        event = json.loads(body)
+        kind, data = str(event["type"]), event["data"]
+        if event.get("specversion") != "1.0" or not kind.startswith(EVENT_PREFIXES):
+            raise ValueError(kind)
+    except (ValueError, KeyError, TypeError):
+        raise CallbackRejected("not a carrier billing CloudEvent") from None
+    reference = data.get("refundId") or data.get("paymentId")
+    state = kind.rsplit("-", 1)[-1]  # ...payment-completed, ...refund-denied
+    status = {"completed": "succeeded", "denied": "denied", "cancelled": "cancelled"}.get(
+        state, "processing")
+    result = outcome_of(status, reference, str(data.get("denialReason", "")))
+    return CarrierReport(idempotency_key=key, outcome=result.outcome.value,
+                         carrier_reference=result.carrier_reference,
+                         carrier_code=result.carrier_code, message=result.message)
+
+
+class CamaraAdapter(CarrierAdapter):
+    capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
+
+    def __init__(self, transport: HttpTransport, callback_url: str, sink_token: str) -> None:
+        self.carrier_id = transport.carrier_id
+        self._transport = transport
+        self._callback_url = callback_url
+        self._sink_token = sink_token
+
+    def _sink(self, key: str) -> dict[str, Any]:
+        expires = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+        return {"sink": f"{self._callback_url}/{key}",
+                "sinkCredential": {"credentialType": "ACCESSTOKEN", "accessToken": self._sink_token,
+                                   "accessTokenExpiresUtc": expires, "accessTokenType": "bearer"}}
+
+    @staticmethod
+    def _amount_transaction(key: str, msisdn: str | None, amount_minor: int, currency: str,
+                            description: str, reference: str) -> dict[str, Any]:
+        transaction: dict[str, Any] = {
+            "clientCorrelator": key, "referenceCode": reference,
+            "paymentAmount": {"chargingInformation": {
+                "amount": float(to_decimal(amount_minor, currency)), "currency": currency,
+                "description": description}}}
+        if msisdn:
+            transaction["phoneNumber"] = msisdn
+        return transaction
+
+    async def _post(self, operation: str, key: str, path: str, body: dict[str, Any],
+                    id_field: str, status_field: str) -> OperationResult:
+        return await self._transport.send(
+            operation=operation, idempotency_key=key, method="POST", path=path, json=body,
+            headers={"x-correlator": key},
+            mapper=lambda reply: map_created(reply, id_field, status_field))
+
+    def _payment_body(self, request: ChargeRequest) -> dict[str, Any]:
+        return {"amountTransaction": self._amount_transaction(
+            request.idempotency_key, request.msisdn, request.amount_minor, request.currency,
+            request.description, request.reference_code), **self._sink(request.idempotency_key)}
+
+    async def charge(self, request: ChargeRequest) -> OperationResult:
+        return await self._post("charge", request.idempotency_key, "/payments",
+                                self._payment_body(request), "paymentId", "paymentStatus")
+
+    async def prepare_payment(self, request: ChargeRequest) -> PreparedPayment:
+        """Two-step: reserve the amount; the subscriber receives a code by SMS."""
+        found: dict[str, Any] = {}
+
+        def mapper(reply: HttpReply) -> OperationResult:
+            body = _json(reply)
+            if isinstance(body, dict):
+                found.update(body)
+            return map_created(reply, "paymentId", "paymentStatus")
+
+        result = await self._transport.send(
+            operation="prepare", idempotency_key=request.idempotency_key, method="POST",
+            path="/payments/prepare", json=self._payment_body(request),
+            headers={"x-correlator": request.idempotency_key}, mapper=mapper)
+        return PreparedPayment(result=result, payment_id=found.get("paymentId"),
+                               authorization_id=found.get("authorizationId"))
+
+    async def validate_payment(self, key: str, payment_id: str, authorization_id: str,
+                               code: str) -> OperationResult:
+        def mapper(reply: HttpReply) -> OperationResult:
+            if reply.status_code == 204:
+                return OperationResult(outcome=Outcome.PENDING, carrier_reference=payment_id)
+            return _error(reply, _json(reply))
+
+        return await self._transport.send(
+            operation="validate", idempotency_key=key, method="POST",
+            path=f"/payments/{payment_id}/validate", headers={"x-correlator": key},
+            json={"authorizationId": authorization_id, "code": code}, mapper=mapper)
+
+    async def confirm_payment(self, key: str, payment_id: str) -> OperationResult:
+        return await self._post("confirm", key, f"/payments/{payment_id}/confirm", {},
+                                "paymentId", "paymentStatus")
+
+    async def refund(self, request: RefundRequest) -> OperationResult:
+        body = {"type": "total", "reason": request.description,
+                "amountTransaction": self._amount_transaction(
+                    request.idempotency_key, None, request.amount_minor, request.currency,
+                    request.description, request.reference_code),
+                **self._sink(request.idempotency_key)}
+        return await self._post("refund", request.idempotency_key,
+                                f"/payments/{request.original_carrier_reference}/refunds", body,
+                                "refundId", "refundStatus")
+
+    async def status(self, request: StatusRequest) -> OperationResult | None:
+        """retrievePayments (or the payment's refunds), matched on our clientCorrelator."""
+        if request.operation == "refund":
+            path, id_field, status_field = (
+                f"/payments/{request.original_carrier_reference}/refunds", "refundId",
+                "refundStatus")
+        else:
+            path, id_field, status_field = "/payments", "paymentId", "paymentStatus"
+        for page in range(1, MAX_PAGES + 1):
+            items: list[dict[str, Any]] = []
+
+            def mapper(reply: HttpReply, items: list[dict[str, Any]] = items) -> OperationResult | None:
+                body = _json(reply)
+                if reply.status_code != 200:
+                    return _error(reply, body)
+                if not isinstance(body, list):
+                    return OperationResult(outcome=Outcome.UNKNOWN, message="malformed list")
+                items.extend(x for x in body if isinstance(x, dict))
+                return None
+
+            failure = await self._transport.lookup(
+                operation="status", idempotency_key=request.idempotency_key, method="GET",
+                path=path, params={"page": str(page), "perPage": str(PAGE_SIZE)},
+                headers={"x-correlator": request.idempotency_key}, mapper=mapper)
+            if failure is not None:
+                return failure
+            for item in items:
+                transaction = item.get("amountTransaction") or {}
+                if transaction.get("clientCorrelator") == request.idempotency_key:
+                    return outcome_of(item.get(status_field), item.get(id_field),
+                                      str(item.get("denialReason", "")))
+            if len(items) < PAGE_SIZE:
+                return None
+        return OperationResult(outcome=Outcome.UNKNOWN, message="too many payments to search")
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
