@@ -15,15 +15,15 @@ from collections.abc import Callable
 
 from aiohttp import web
 from temporalio.client import Client
-from temporalio.service import RPCError
 
-from activities.messages import CarrierReport, workflow_id_for_key
+from activities.messages import CarrierReport
 from carriers.callback_aggregator import CallbackRejected
 from carriers.callback_aggregator import parse_callback as parse_aggregator_callback
 from carriers.camara import parse_event as parse_camara_event
 from carriers.http import InteractionRecord, InteractionSink
 from carriers.loader import Registry, default_registry
 from carriers.redaction import redact
+from carriers.relay import ReportRelay
 from models.db import make_engine
 from models.interactions import InteractionStore
 from settings import Settings, get_settings
@@ -40,10 +40,10 @@ log = logging.getLogger("callback_receiver")
 class CallbackReceiver:
     def __init__(self, client: Client, registry: Registry, settings: Settings,
                  sink: InteractionSink) -> None:
-        self._client = client
         self._registry = registry
         self._settings = settings
         self._sink = sink
+        self._relay = ReportRelay(client, sink)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -52,13 +52,14 @@ class CallbackReceiver:
         app.router.add_post("/callbacks/{carrier_id}/{key}", self.receive)
         return app
 
-    async def _record(self, carrier_id: str, key: str, request: web.Request, body: bytes,
-                      status: int, outcome: str, started: float, error: str | None = None) -> None:
-        await self._sink(InteractionRecord(
+    @staticmethod
+    def _record(carrier_id: str, key: str, request: web.Request, body: bytes, status: int,
+                outcome: str, started: float, error: str | None = None) -> InteractionRecord:
+        return InteractionRecord(
             carrier_id=carrier_id, operation="callback", idempotency_key=key, method="POST",
             url=redact(str(request.rel_url)), request_body=redact(body.decode("utf-8", "replace")),
             status_code=status, response_body="", outcome=outcome, error=error,
-            latency_ms=int((time.perf_counter() - started) * 1000)))
+            latency_ms=int((time.perf_counter() - started) * 1000))
 
     async def receive(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -76,21 +77,13 @@ class CallbackReceiver:
             report = parser(body, headers, secret.get_secret_value(),
                             request.match_info.get("key"))
         except CallbackRejected as exc:
-            await self._record(carrier_id, "", request, body, 401, "rejected", started, str(exc))
+            await self._sink(self._record(carrier_id, "", request, body, 401, "rejected",
+                                          started, str(exc)))
             raise web.HTTPUnauthorized(text=str(exc)) from None
-        workflow_id = workflow_id_for_key(report.idempotency_key)
-        if workflow_id is None:
-            await self._record(carrier_id, report.idempotency_key, request, body, 400,
-                               "rejected", started, "key names no workflow")
+        delivered = await self._relay.relay(report, self._record(
+            carrier_id, report.idempotency_key, request, body, 200, report.outcome, started))
+        if delivered == "unroutable":
             raise web.HTTPBadRequest(text="unknown order")
-        try:
-            await self._client.get_workflow_handle(workflow_id).signal("carrier_result", report)
-            delivered = "relayed"
-        except RPCError as exc:  # finished or unknown workflow: a late callback
-            log.info("callback for %s not relayed: %s", workflow_id, exc.message)
-            delivered = "late"
-        await self._record(carrier_id, report.idempotency_key, request, body, 200,
-                           f"{report.outcome} ({delivered})", started)
         return web.json_response({"status": delivered})
 
 

@@ -14,9 +14,11 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from carriers.loader import Registry, default_registry
 from carriers.pool import AdapterPool
+from carriers.relay import ReportRelay
 from models.db import make_engine, migrate, setup_lock
 from models.interactions import InteractionStore
 from models.seed import seed_reference_data
+from models.smpp_store import SubmissionStore
 from settings import Settings, get_settings
 from workflows.refund import RefundWorkflow
 from workflows.subscription import SubscriptionWorkflow
@@ -30,6 +32,14 @@ def prepare_database(settings: Settings, registry: Registry) -> Engine:
         migrate(settings.database_url)
         seed_reference_data(engine, registry)
     return engine
+
+
+def make_adapter_pool(registry: Registry, settings: Settings, engine: Engine,
+                      client: Client) -> AdapterPool:
+    """Adapters record interactions in the database; SMPP receipts are relayed as signals."""
+    interactions = InteractionStore(engine).record
+    return AdapterPool(registry, settings, interactions, SubmissionStore(engine),
+                       ReportRelay(client, interactions).relay)
 
 
 def build_worker(
@@ -49,8 +59,9 @@ def build_worker(
 async def run_worker(settings: Settings) -> None:
     registry = default_registry()
     engine = prepare_database(settings, registry)
-    adapters = AdapterPool(registry, settings, InteractionStore(engine).record)
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    adapters = make_adapter_pool(registry, settings, engine, client)
+    adapters.start_sessions()
     try:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -85,6 +85,10 @@ class CarrierAdapter(abc.ABC):
 
     carrier_id: str
     capabilities: frozenset[Capability]
+    # whether the protocol can tell us when to retry (HTTP Retry-After); SMPP cannot
+    gives_retry_after: bool = True
+    # whether status() asks the carrier; SMPP's answers from the receipts received so far
+    status_asks_carrier: bool = True
 
     @abc.abstractmethod
     async def charge(self, request: ChargeRequest) -> OperationResult: ...

@@ -24,8 +24,12 @@ def generate_dev_secrets(registry: Registry) -> dict[str, str]:
     generated: dict[str, str] = {}
     for carrier in registry.carriers.values():
         auth = carrier.auth
-        generated[auth.secret_ref] = (
-            rsa_private_pem() if auth.kind == "jwt-rs256" else secrets.token_urlsafe(18))
+        if auth.kind == "jwt-rs256":
+            generated[auth.secret_ref] = rsa_private_pem()
+        elif auth.kind == "smpp-bind":  # SMPP 3.4 passwords are at most 8 characters
+            generated[auth.secret_ref] = secrets.token_urlsafe(6)[:8]
+        else:
+            generated[auth.secret_ref] = secrets.token_urlsafe(18)
         if auth.callback_secret_ref:
             generated[auth.callback_secret_ref] = secrets.token_urlsafe(18)
     return generated

@@ -13,6 +13,8 @@ from carriers.loader import CarrierConfig
 from carriers.oneapi import OneApiAdapter
 from carriers.parlayx import ParlayXAdapter
 from carriers.polling_aggregator import PollingAggregatorAdapter
+from carriers.smpp import ReceiptSink, SmppAdapter
+from models.smpp_store import SubmissionStore
 from settings import Settings
 
 
@@ -40,9 +42,25 @@ def resolve_base_url(carrier: CarrierConfig, settings: Settings) -> str:
 
 
 def build_adapter(
-    carrier: CarrierConfig, settings: Settings, sink: InteractionSink
+    carrier: CarrierConfig,
+    settings: Settings,
+    sink: InteractionSink,
+    *,
+    smpp_store: SubmissionStore | None = None,
+    receipts: ReceiptSink | None = None,
 ) -> CarrierAdapter:
     secret = carrier_secret(carrier, settings)
+    if carrier.protocol == "smpp":
+        if len(secret) > 8:
+            raise CarrierConfigError(f"carrier {carrier.id}: an SMPP password has at most 8 "
+                                     "characters")
+        if smpp_store is None or receipts is None:
+            raise CarrierConfigError(f"carrier {carrier.id}: SMPP needs a submission store and "
+                                     "a receipt relay")
+        return SmppAdapter(carrier, resolve_base_url(carrier, settings), secret, smpp_store,
+                           receipts, sink, carrier.locale,
+                           timeout_seconds=min(carrier.timeout_seconds,
+                                               settings.carrier_timeout_seconds))
     auth: httpx.Auth | None
     if carrier.auth.kind == "jwt-rs256":
         try:

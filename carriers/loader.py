@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from decimal import Decimal
 from functools import lru_cache
@@ -56,7 +57,7 @@ class CountryConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    kind: Literal["basic", "oauth2", "hmac", "jwt-rs256", "wsse", "parlayx-header"]
+    kind: Literal["basic", "oauth2", "hmac", "jwt-rs256", "wsse", "parlayx-header", "smpp-bind"]
     # the user name (basic), client id (oauth2), API key (hmac) or merchant id (jwt-rs256)
     username: str
     # key into settings.carrier_secrets (jwt-rs256: our private key, PEM); the secret itself
@@ -77,6 +78,8 @@ class AuthConfig(_Strict):
 class PricePointConfig(_Strict):
     id: str
     product: str
+    # premium SMS: the short code whose tariff is this price
+    short_code: str | None = Field(default=None, pattern=r"^\d{3,8}$")
     amount: Decimal = Field(gt=0)
     period: Period
     interval_seconds: int | None = Field(default=None, gt=0)
@@ -91,10 +94,33 @@ class PricePointConfig(_Strict):
         return self
 
 
+class SmppConfig(_Strict):
+    """Premium SMS over SMPP 3.4: how this SMSC words its delivery receipts."""
+
+    # a regex over the receipt text with named groups ``id`` and ``stat`` (and ``err``)
+    receipt_pattern: str
+    delivered_states: list[str] = Field(default_factory=lambda: ["DELIVRD"])
+    # receipt error codes that mean the subscriber could not pay
+    insufficient_funds_errors: list[str] = Field(default_factory=list)
+    submit_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("receipt_pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if not {"id", "stat"} <= set(compiled.groupindex):
+            raise ValueError("the pattern needs named groups 'id' and 'stat'")
+        return value
+
+
 class CarrierConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     name: str
-    protocol: Literal["oneapi", "parlayx", "camara", "polling-aggregator", "callback-aggregator"]
+    protocol: Literal["oneapi", "parlayx", "camara", "polling-aggregator", "callback-aggregator",
+                      "smpp"]
     base_url: str
     # oneapi: JSON bodies, or the older form-encoded variant
     request_format: Literal["json", "form"] = "json"
@@ -109,6 +135,7 @@ class CarrierConfig(_Strict):
     # after a pending answer: waits, in seconds, between status look-ups (the last repeats);
     # for callback carriers the fallback when the callback does not come
     settle_delays_seconds: list[float] | None = None
+    smpp: SmppConfig | None = None
     timeout_seconds: float = Field(default=10.0, gt=0)
     rate_limit_per_second: float = Field(default=50.0, gt=0)
     price_points: list[PricePointConfig] = Field(default_factory=list)
@@ -126,8 +153,18 @@ class CarrierConfig(_Strict):
         return defaults[self.interaction]
 
     @model_validator(mode="after")
+    def _smpp_needs_receipts_and_tariffs(self) -> CarrierConfig:
+        if (self.protocol == "smpp") != (self.smpp is not None):
+            raise ValueError("the smpp table is required for, and only for, protocol 'smpp'")
+        if self.protocol == "smpp" and any(p.short_code is None for p in self.price_points):
+            raise ValueError("every premium SMS price point needs a short_code")
+        return self
+
+    @model_validator(mode="after")
     def _callbacks_are_signed(self) -> CarrierConfig:
-        if self.interaction == "callback" and not self.auth.callback_secret_ref:
+        # (SMPP receipts come back on our own bound session, not to an HTTP endpoint)
+        if (self.interaction == "callback" and self.protocol != "smpp"
+                and not self.auth.callback_secret_ref):
             raise ValueError("callback carriers need auth.callback_secret_ref")
         return self
 

@@ -161,3 +161,29 @@ class CarrierInteraction(SQLModel, table=True):
     error: str | None = None
     latency_ms: int
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+
+
+class SmppSubmission(SQLModel, table=True):
+    """A premium SMS sent for an operation, so its delivery receipt can be matched to the
+    operation however late it arrives, across restarts. SMPP has no idempotency key: this row
+    is what stops a second submit_sm for the same key."""
+
+    __table_args__ = (sa.UniqueConstraint("carrier_id", "idempotency_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    carrier_id: str = Field(index=True)
+    idempotency_key: str = Field(max_length=128)
+    msisdn: str = Field(max_length=16)
+    # sending -> submitted (message id known) -> delivered | failed; refused: not accepted
+    state: str = Field(max_length=16)
+    message_id: str | None = Field(default=None, index=True, max_length=65)
+    receipt_status: str | None = None
+    error_code: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+
+    @property
+    def user_reference(self) -> int:
+        """What goes in user_message_reference (16 bits) so receipts can be matched even when
+        the submit_sm_resp with the message id was lost."""
+        assert self.id is not None
+        return self.id % 65536

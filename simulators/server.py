@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Protocol
@@ -19,6 +21,7 @@ from simulators.core import SimCarrier, SimulatorCore
 from simulators.oneapi import OneApiCarrier
 from simulators.parlayx import ParlayXCarrier
 from simulators.polling_aggregator import PollingAggregator
+from simulators.smsc import Smsc
 
 
 class Family(Protocol):
@@ -43,6 +46,12 @@ def sim_carriers(registry: Registry, carrier_secrets: dict[str, str]) -> dict[st
             carrier_secrets.get(c.auth.secret_ref, ""), c.auth.kind, frozenset(options),
             carrier_secrets.get(c.auth.callback_secret_ref or "", ""))
     return carriers
+
+
+def smsc_tariffs(registry: Registry) -> dict[str, dict[str, Decimal]]:
+    """What each premium short code costs, per SMPP carrier."""
+    return {c.id: {p.short_code: p.amount for p in c.price_points if p.short_code}
+            for c in registry.carriers.values() if c.protocol == "smpp"}
 
 
 def build_app(core: SimulatorCore) -> web.Application:
@@ -70,16 +79,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8701)
+    parser.add_argument("--smpp-port", type=int, default=2775)
     parser.add_argument("--default-balance", default="100")
     parser.add_argument("--chaos-rate", type=float, default=0.0,
                         help="share of requests that meet a random fault")
     args = parser.parse_args()
     settings = get_settings()
     secrets = {k: v.get_secret_value() for k, v in settings.carrier_secrets.items()}
-    core = SimulatorCore(sim_carriers(default_registry(), secrets), Decimal(args.default_balance),
+    registry = default_registry()
+    core = SimulatorCore(sim_carriers(registry, secrets), Decimal(args.default_balance),
                          args.chaos_rate)
-    web.run_app(build_app(core), host=args.host, port=args.port, access_log=None,
-                print=lambda *_: None)
+    asyncio.run(serve(core, Smsc(core, smsc_tariffs(registry)), args.host, args.port,
+                      args.smpp_port))
+
+
+async def serve(core: SimulatorCore, smsc: Smsc, host: str, port: int, smpp_port: int) -> None:
+    runner, _ = await start_simulator(core, host, port)
+    await smsc.start(host, smpp_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await smsc.stop()
+    await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -23,14 +23,14 @@ from temporalio.worker import Worker
 from callback_receiver import CallbackReceiver
 from carriers.dev_secrets import generate_dev_secrets
 from carriers.loader import default_registry
-from carriers.pool import AdapterPool
 from models.interactions import InteractionStore
 from settings import Settings, venv_binary
 from simulators.core import SimulatorCore
-from simulators.server import sim_carriers, start_simulator
+from simulators.server import sim_carriers, smsc_tariffs, start_simulator
+from simulators.smsc import Smsc
 from starter import SubscriptionClient
 from tests.postgres import free_port, private_postgres
-from worker import build_worker, prepare_database
+from worker import build_worker, make_adapter_pool, prepare_database
 from workflows import search_attributes as sa
 
 
@@ -43,6 +43,7 @@ def carrier_secrets() -> dict[str, str]:
 class Simulator:
     core: SimulatorCore
     url: str
+    smpp_endpoint: str
 
     async def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
         async with httpx.AsyncClient(base_url=self.url) as client:
@@ -72,9 +73,14 @@ class Simulator:
 
 @pytest.fixture(scope="session")
 async def simulator(carrier_secrets: dict[str, str]) -> AsyncIterator[Simulator]:
-    core = SimulatorCore(sim_carriers(default_registry(), carrier_secrets), Decimal("1000"))
+    """The HTTP carriers and the SMSC, sharing one set of books."""
+    registry = default_registry()
+    core = SimulatorCore(sim_carriers(registry, carrier_secrets), Decimal("1000"))
     runner, port = await start_simulator(core)
-    yield Simulator(core, f"http://127.0.0.1:{port}")
+    smsc = Smsc(core, smsc_tariffs(registry))
+    smpp_port = await smsc.start()
+    yield Simulator(core, f"http://127.0.0.1:{port}", f"127.0.0.1:{smpp_port}")
+    await smsc.stop()
     await runner.cleanup()
 
 
@@ -97,7 +103,7 @@ def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, s
         task_queue=f"test-{uuid.uuid4()}",
         callback_base_url=f"http://127.0.0.1:{callback_port}",
         callback_port=callback_port,
-        simulator_urls={"sim": simulator.url},
+        simulator_urls={"sim": simulator.url, "smpp": simulator.smpp_endpoint},
         carrier_secrets={k: SecretStr(v) for k, v in carrier_secrets.items()},
         carrier_timeout_seconds=2.0,
         _env_file=None,
@@ -131,7 +137,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
 async def worker(
     temporal_env: WorkflowEnvironment, settings: Settings, engine: Engine
 ) -> AsyncIterator[Worker]:
-    adapters = AdapterPool(default_registry(), settings, InteractionStore(engine).record)
+    adapters = make_adapter_pool(default_registry(), settings, engine, temporal_env.client)
     async with build_worker(temporal_env.client, settings, engine, adapters) as running:
         yield running
     await adapters.aclose()
