@@ -105,7 +105,7 @@ def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, s
         callback_port=callback_port,
         simulator_urls={"sim": simulator.url, "smpp": simulator.smpp_endpoint},
         carrier_secrets={k: SecretStr(v) for k, v in carrier_secrets.items()},
-        carrier_timeout_seconds=2.0,
+        carrier_timeout_seconds=1.0,
         _env_file=None,
     )
 

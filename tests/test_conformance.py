@@ -174,7 +174,7 @@ async def test_refund_and_over_refund(harness: Harness) -> None:
 async def test_lost_answer_is_settled_by_status_without_a_second_debit(
     harness: Harness, fault: str
 ) -> None:
-    await harness.sim.fault(harness.carrier.id, fault, harness.msisdn, delay_seconds=4)
+    await harness.sim.fault(harness.carrier.id, fault, harness.msisdn, delay_seconds=1.5)
     request = harness.charge_request()
     lost = await harness.adapter.charge(request)
     assert lost.outcome is Outcome.UNKNOWN

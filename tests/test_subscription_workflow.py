@@ -150,8 +150,8 @@ async def test_activity_failing_after_the_carrier_debited_never_debits_twice(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, fr_msisdn: str, fault: str,
 ) -> None:
-    # the carrier debits, then drops the connection or answers after our 2 s timeout
-    await simulator.fault(CARRIER, fault, msisdn=fr_msisdn, delay_seconds=4)
+    # the carrier debits, then drops the connection or answers after our 1 s timeout
+    await simulator.fault(CARRIER, fault, msisdn=fr_msisdn, delay_seconds=1.5)
     first = await next_jan_31(temporal_env)
     started = await client.start_subscription(monthly(fr_msisdn, first))
     handle = client.handle(started.subscription_id)
