@@ -31,7 +31,7 @@ from carriers.loader import CarrierConfig, Registry, default_registry
 from carriers.numbers import sample_msisdn
 from devstack import Stack
 from models.db import make_engine, migrate
-from models.money import format_major, to_decimal
+from models.money import format_major, from_decimal, to_decimal
 from models.seed import seed_reference_data
 from models.tables import (
     CarrierInteraction,
@@ -148,7 +148,8 @@ async def summary(client: SubscriptionClient, engine: Engine, ids: list[int],
         all_match &= match
         counts = per_carrier.get(carrier_id, Counter())
         table.add_row(carrier_id, currency, str(count), str(counts["retried"]),
-                      str(counts["failed"]), format_major(int(total), currency), str(booked),
+                      str(counts["failed"]), format_major(int(total), currency),
+                      format_major(from_decimal(booked, currency), currency),
                       "yes" if match else "NO")
     console.print(table)
     console.print("ledger equals the carrier books to the cent" if all_match
@@ -162,19 +163,19 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
     db_url = f"sqlite:///{db_path}"
-    sim_url = f"http://127.0.0.1:{SIM_PORT}"
-    settings = Settings(database_url=db_url, simulator_urls={"sim": sim_url},
-                        carrier_secrets=stack.carrier_secrets)
 
     console.print("starting Temporal dev server (SQLite in WAL mode under .data/demo) …")
     stack.start_temporal(persistence="wal")
-    console.print("starting the carrier simulator with 5% random faults …")
-    stack.start_simulator(SIM_PORT, chaos_rate=0.05, default_balance="1000")
+    console.print("starting the carrier simulators (HTTP and SMSC) with 5% random faults …")
+    simulator_urls = stack.start_simulator(SIM_PORT, chaos_rate=0.05, default_balance="1000")
+    sim_url = simulator_urls["sim"]
+    settings = Settings(database_url=db_url, simulator_urls=simulator_urls,
+                        carrier_secrets=stack.carrier_secrets)
     migrate(db_url)
     engine = make_engine(db_url)
     seed_reference_data(engine, registry)
     env = stack.env(CB_DATABASE_URL=db_url,
-                    CB_SIMULATOR_URLS=json.dumps({"sim": sim_url}))
+                    CB_SIMULATOR_URLS=json.dumps(simulator_urls))
     console.print("starting the callback receiver and a worker …")
     stack.start_callback_receiver(env)
     stack.start_worker("worker", env)

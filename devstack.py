@@ -81,14 +81,18 @@ class Stack:
         self.spawn("temporal", args)
         wait_for_port(port)
 
-    def start_simulator(self, port: int = 8701, chaos_rate: float = 0.0,
-                        default_balance: str = "100") -> None:
-        if not port_is_free(port):
-            raise RuntimeError(f"port {port} is taken: is another simulator running?")
+    def start_simulator(self, port: int = 8701, smpp_port: int = 2775, chaos_rate: float = 0.0,
+                        default_balance: str = "100") -> dict[str, str]:
+        """Starts the HTTP carriers and the SMSC; returns the settings' simulator_urls."""
+        for taken in (port, smpp_port):
+            if not port_is_free(taken):
+                raise RuntimeError(f"port {taken} is taken: is another simulator running?")
         self.spawn("simulator", [sys.executable, "-m", "simulators.server", "--port",
-                                 str(port), "--chaos-rate", str(chaos_rate),
-                                 "--default-balance", default_balance])
+                                 str(port), "--smpp-port", str(smpp_port), "--chaos-rate",
+                                 str(chaos_rate), "--default-balance", default_balance])
         wait_for_port(port)
+        wait_for_port(smpp_port)
+        return {"sim": f"http://127.0.0.1:{port}", "smpp": f"127.0.0.1:{smpp_port}"}
 
     def start_worker(self, name: str, env: dict[str, str]) -> None:
         self.spawn(name, [sys.executable, str(PROJECT_ROOT / "worker.py")], env)
@@ -102,16 +106,16 @@ class Stack:
         wait_for_port(port)
 
     def stop(self) -> None:
+        """Stops the children newest first, each before the next, so none sees its server
+        vanish while it is still working."""
         for _name, child in reversed(self.children):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _name, child in reversed(self.children):
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
         self.children.clear()
 
     def check_alive(self) -> None:

@@ -38,6 +38,7 @@ T = TypeVar("T")
 
 DATA_DIR = PROJECT_ROOT / ".data" / "bench"
 SIM_PORT = 8711
+SMPP_PORT = 2785
 TEMPORAL_PORT = 7243
 
 BILLABLE = {
@@ -95,12 +96,12 @@ async def history_figures(
     return events / max(charges, 1), sum(actions.values()) / max(charges, 1), detail
 
 
-async def run_billing(client: Client, stack: Stack, args: argparse.Namespace) -> dict[str, object]:
+async def run_billing(client: Client, stack: Stack, args: argparse.Namespace,
+                      simulator_urls: dict[str, str]) -> dict[str, object]:
     db_path = DATA_DIR / "billing.db"
     for suffix in ("", "-wal", "-shm"):
         (DATA_DIR / f"billing.db{suffix}").unlink(missing_ok=True)
     db_url = f"sqlite:///{db_path}"
-    sim_url = f"http://127.0.0.1:{SIM_PORT}"
     registry = default_registry()
     migrate(db_url)
     engine = make_engine(db_url)
@@ -112,7 +113,7 @@ async def run_billing(client: Client, stack: Stack, args: argparse.Namespace) ->
                                  interval_seconds=int(args.period), retry_schedule_seconds="5"))
         session.commit()
     queue = f"bench-billing-{uuid.uuid4().hex[:6]}"
-    env = stack.env(CB_DATABASE_URL=db_url, CB_SIMULATOR_URLS=json.dumps({"sim": sim_url}),
+    env = stack.env(CB_DATABASE_URL=db_url, CB_SIMULATOR_URLS=json.dumps(simulator_urls),
                     CB_TASK_QUEUE=queue, CB_TEMPORAL_ADDRESS=f"127.0.0.1:{TEMPORAL_PORT}")
     stack.start_worker("bench-worker", env)
     settings = Settings(database_url=db_url, task_queue=queue,
@@ -165,14 +166,14 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> None:
     print(f"starting the Temporal dev server (persistence: {args.persistence}) and the simulator")
     stack.start_temporal(port=TEMPORAL_PORT, ui_port=TEMPORAL_PORT + 1000,
                          persistence=args.persistence)
-    stack.start_simulator(SIM_PORT, default_balance="1000000")
+    simulator_urls = stack.start_simulator(SIM_PORT, SMPP_PORT, default_balance="1000000")
     client = await Client.connect(f"127.0.0.1:{TEMPORAL_PORT}")
     print(f"ceiling: {args.subscriptions} no-op workflows, timer every {args.period}s, "
           f"warm-up {args.warmup}s, window {args.window}s")
     ceiling = await run_ceiling(client, args)
     print(f"ceiling: {ceiling:.1f} timer+activity cycles/s")
     print(f"billing: {args.subscriptions} subscriptions, charge every {args.period}s")
-    billing = await run_billing(client, stack, args)
+    billing = await run_billing(client, stack, args, simulator_urls)
     rate = float(billing["rate"])  # type: ignore[arg-type]
     print()
     print(f"persistence                    : dev server, {args.persistence}")

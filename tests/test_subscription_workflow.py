@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -19,6 +20,7 @@ from models.tables import CarrierInteraction, LedgerEntry, Period, Subscription
 from starter import StartSubscriptionRequest, SubscriptionClient
 from tests.conftest import Simulator
 from workflows.subscription import SubscriptionWorkflow
+from workflows.types import BillingState
 
 CARRIER = "fr-azur"
 
@@ -273,4 +275,49 @@ async def test_callback_carrier_charges_settle_once_whatever_the_callbacks_do(
         assert sum(settled_by in s for s in summaries) == 1
     else:
         assert not any("by reported result" in s for s in summaries)
+    await client.cancel_subscription(started.subscription_id)
+
+
+async def test_premium_sms_charges_are_decided_by_delivery_receipts(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment,
+) -> None:
+    """SMPP: the first receipt says REJECTD with the SMSC's out-of-credit code, so the cycle is
+    retried on schedule; the retry's receipt says DELIVRD and the ledger takes the charge."""
+    registry = default_registry()
+    carrier = registry.carriers["pl-wisla"]
+    msisdn = sample_msisdn(carrier, registry, random.Random(77))
+    await simulator.fault(carrier.id, "insufficient_funds", msisdn)
+    started = await client.start_subscription(StartSubscriptionRequest(
+        msisdn=msisdn, product_id="game-pass", amount_minor=615, currency="PLN",
+        period=Period.WEEKLY))
+    handle = client.handle(started.subscription_id)
+
+    async def wait_for(condition: Callable[[BillingState], bool]) -> BillingState:
+        for _ in range(100):
+            state = await handle.query(SubscriptionWorkflow.state)
+            if condition(state):
+                return state
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"never reached: {state}")
+
+    state = await wait_for(lambda s: s.status == "past_due")
+    assert state.charges_succeeded == 0
+    await temporal_env.sleep(timedelta(hours=1, minutes=1))  # the first retry is due after 1 h
+    state = await wait_for(lambda s: s.charges_succeeded == 1)
+    assert (state.insufficient_funds_retries, state.recent_cycles[-1].attempts) == (1, 2)
+
+    books = await simulator.transactions(carrier.id, msisdn)
+    entries = ledger_of(engine, started.subscription_id)
+    assert [t["amount"] for t in books] == ["6.15"]
+    assert [(e.amount_minor, e.currency) for e in entries] == [(615, "PLN")]
+    with Session(engine) as session:
+        receipts = session.exec(select(CarrierInteraction).where(
+            CarrierInteraction.carrier_id == carrier.id,
+            CarrierInteraction.operation == "receipt",
+            CarrierInteraction.idempotency_key.startswith(
+                f"sub-{started.subscription_id}-c1-"))).all()
+    assert sorted(r.outcome for r in receipts) == ["insufficient_funds (relayed)",
+                                                   "succeeded (relayed)"]
+    assert all(msisdn[3:] not in r.request_body for r in receipts)
     await client.cancel_subscription(started.subscription_id)
