@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import httpx
 
 from carriers.auth import HmacRequestSigner, JwtBodySigner, OAuth2ClientCredentials
@@ -41,6 +44,51 @@ def resolve_base_url(carrier: CarrierConfig, settings: Settings) -> str:
         ) from None
 
 
+FAMILIES: dict[str, type[CarrierAdapter]] = {
+    "oneapi": OneApiAdapter,
+    "parlayx": ParlayXAdapter,
+    "camara": CamaraAdapter,
+    "polling-aggregator": PollingAggregatorAdapter,
+    "callback-aggregator": CallbackAggregatorAdapter,
+    "smpp": SmppAdapter,
+}
+
+
+def adapter_class(carrier: CarrierConfig) -> type[CarrierAdapter]:
+    """The family's adapter, or the carrier's own subclass of it (registry ``adapter``)."""
+    family = FAMILIES[carrier.protocol]
+    if carrier.adapter is None:
+        return family
+    module_name, _, class_name = carrier.adapter.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise CarrierConfigError(f"carrier {carrier.id}: adapter {carrier.adapter!r}: {exc}") \
+            from None
+    if not (isinstance(cls, type) and issubclass(cls, family)):
+        raise CarrierConfigError(f"carrier {carrier.id}: {carrier.adapter} must subclass "
+                                 f"{family.__name__}")
+    return cls
+
+
+def _http_auth(carrier: CarrierConfig, settings: Settings, secret: str) -> httpx.Auth | None:
+    kind = carrier.auth.kind
+    if kind == "jwt-rs256":
+        try:
+            return JwtBodySigner(carrier.auth.username, secret)
+        except ValueError as exc:
+            raise CarrierConfigError(f"carrier {carrier.id}: {exc}") from None
+    if kind in ("wsse", "parlayx-header"):
+        return None  # SOAP-level: the adapter puts credentials in the envelope
+    if kind == "hmac":
+        return HmacRequestSigner(carrier.auth.username, secret)
+    if kind == "oauth2":
+        assert carrier.auth.token_url is not None
+        token_url = carrier.auth.token_url.format(**settings.simulator_urls)
+        return OAuth2ClientCredentials(token_url, carrier.auth.username, secret)
+    return httpx.BasicAuth(carrier.auth.username, secret)
+
+
 def build_adapter(
     carrier: CarrierConfig,
     settings: Settings,
@@ -50,6 +98,9 @@ def build_adapter(
     receipts: ReceiptSink | None = None,
 ) -> CarrierAdapter:
     secret = carrier_secret(carrier, settings)
+    cls: Any = adapter_class(carrier)
+    callback_url = f"{settings.callback_base_url}/callbacks/{carrier.id}"
+    timeout = min(carrier.timeout_seconds, settings.carrier_timeout_seconds)
     if carrier.protocol == "smpp":
         if len(secret) > 8:
             raise CarrierConfigError(f"carrier {carrier.id}: an SMPP password has at most 8 "
@@ -57,49 +108,30 @@ def build_adapter(
         if smpp_store is None or receipts is None:
             raise CarrierConfigError(f"carrier {carrier.id}: SMPP needs a submission store and "
                                      "a receipt relay")
-        return SmppAdapter(carrier, resolve_base_url(carrier, settings), secret, smpp_store,
-                           receipts, sink, carrier.locale,
-                           timeout_seconds=min(carrier.timeout_seconds,
-                                               settings.carrier_timeout_seconds))
-    auth: httpx.Auth | None
-    if carrier.auth.kind == "jwt-rs256":
-        try:
-            auth = JwtBodySigner(carrier.auth.username, secret)
-        except ValueError as exc:
-            raise CarrierConfigError(f"carrier {carrier.id}: {exc}") from None
-    elif carrier.auth.kind in ("wsse", "parlayx-header"):
-        auth = None  # SOAP-level: the adapter puts credentials in the envelope
-    elif carrier.auth.kind == "hmac":
-        auth = HmacRequestSigner(carrier.auth.username, secret)
-    elif carrier.auth.kind == "oauth2":
-        assert carrier.auth.token_url is not None
-        token_url = carrier.auth.token_url.format(**settings.simulator_urls)
-        auth = OAuth2ClientCredentials(token_url, carrier.auth.username, secret)
-    else:
-        auth = httpx.BasicAuth(carrier.auth.username, secret)
+        return cls(carrier, resolve_base_url(carrier, settings), secret, smpp_store, receipts,  # type: ignore[no-any-return]
+                   sink, carrier.locale, timeout_seconds=timeout)
     transport = HttpTransport(
         carrier_id=carrier.id,
         base_url=resolve_base_url(carrier, settings),
-        auth=auth,
-        timeout_seconds=min(carrier.timeout_seconds, settings.carrier_timeout_seconds),
+        auth=_http_auth(carrier, settings, secret),
+        timeout_seconds=timeout,
         secrets=[secret],
         sink=sink,
     )
+    adapter: CarrierAdapter
     if carrier.protocol == "oneapi":
-        return OneApiAdapter(transport, form_encoded=carrier.request_format == "form")
-    if carrier.protocol == "parlayx":
-        return ParlayXAdapter(transport, carrier.auth.kind, carrier.auth.username, secret)
-    if carrier.protocol == "polling-aggregator":
-        return PollingAggregatorAdapter(transport)
-    if carrier.protocol == "camara":
+        adapter = cls(transport, form_encoded=carrier.request_format == "form")
+    elif carrier.protocol == "parlayx":
+        adapter = cls(transport, carrier.auth.kind, carrier.auth.username, secret)
+    elif carrier.protocol == "camara":
         assert carrier.auth.callback_secret_ref is not None
         sink_token = settings.carrier_secrets.get(carrier.auth.callback_secret_ref)
         if sink_token is None:
             raise CarrierConfigError(f"carrier {carrier.id} needs secret "
                                      f"{carrier.auth.callback_secret_ref!r} for its sink")
-        return CamaraAdapter(transport, f"{settings.callback_base_url}/callbacks/{carrier.id}",
-                             sink_token.get_secret_value())
-    if carrier.protocol == "callback-aggregator":
-        callback_url = f"{settings.callback_base_url}/callbacks/{carrier.id}"
-        return CallbackAggregatorAdapter(transport, callback_url)
-    raise CarrierConfigError(f"carrier {carrier.id}: unknown protocol {carrier.protocol!r}")
+        adapter = cls(transport, callback_url, sink_token.get_secret_value())
+    elif carrier.protocol == "callback-aggregator":
+        adapter = cls(transport, callback_url)
+    else:
+        adapter = cls(transport)
+    return adapter

@@ -128,6 +128,8 @@ class CarrierConfig(_Strict):
     timezone: str
     locale: str
     number_prefixes: list[str] = Field(default_factory=list)
+    # a carrier's own subclass of its family's adapter, "module:Class", when data is not enough
+    adapter: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
     # behaviours of this carrier's gateway the simulator reproduces (e.g. "faults-in-faultcode")
     quirks: list[str] = Field(default_factory=list)
     # how results arrive: in the response, by polling, or by a callback to us

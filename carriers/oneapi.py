@@ -183,13 +183,20 @@ class OneApiAdapter(CarrierAdapter):
             **payload,
         )
 
+    # Carrier subclasses override these two to add or rename fields.
+    def charge_body(self, request: ChargeRequest) -> dict[str, Any]:
+        return charge_body(request)
+
+    def refund_body(self, request: RefundRequest) -> dict[str, Any]:
+        return refund_body(request)
+
     async def charge(self, request: ChargeRequest) -> OperationResult:
         return await self._post("charge", request.idempotency_key, request.msisdn,
-                                charge_body(request))
+                                self.charge_body(request))
 
     async def refund(self, request: RefundRequest) -> OperationResult:
         return await self._post("refund", request.idempotency_key, request.msisdn,
-                                refund_body(request))
+                                self.refund_body(request))
 
     async def status(self, request: StatusRequest) -> OperationResult | None:
         expected = _EXPECTED[request.operation]

@@ -97,6 +97,10 @@ class OneApiCarrier:
             return request_error(400, "serviceException", "SVC0002", f"invalid input: {exc}")
         if currency != carrier.currency or amount <= 0:
             return request_error(400, "serviceException", "SVC0002", "invalid amount or currency")
+        metadata = txn_in["paymentAmount"].get("chargingMetaData") or {}
+        if ("requires-charging-metadata" in carrier.options and operation == "Charged"
+                and not metadata.get("serviceId")):
+            return request_error(400, "serviceException", "SVC0002", "chargingMetaData.serviceId")
 
         previous = book.by_correlator.get(correlator)
         if previous is not None:  # a repeated correlator is answered with the original
