@@ -16,12 +16,15 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import zeep
 from lxml import etree
+from zeep import Settings, Transport
 from zeep.exceptions import Fault, TransportError, XMLSyntaxError
+from zeep.wsdl import Document
 from zeep.wsse.username import UsernameToken
 
 from carriers.base import (
@@ -60,6 +63,13 @@ def request_soap_header(sp_id: str, password: str, now: datetime) -> etree._Elem
     return header
 
 
+@lru_cache(maxsize=4)
+def _document(path: Path) -> Document:
+    """Parsed once per process: reading the WSDLs and schemas is the slow part of a client."""
+    # zeep annotates the transport as a class; it takes an instance
+    return Document(str(path), Transport(), settings=Settings())  # type: ignore[arg-type]
+
+
 @dataclass
 class _SoapReply:
     """What zeep's binding reads from an HTTP reply."""
@@ -95,8 +105,8 @@ class ParlayXAdapter(CarrierAdapter):
         self.carrier_id = transport.carrier_id
         self._transport = transport
         wsse = UsernameToken(username, secret, use_digest=True) if auth_kind == "wsse" else None
-        self._payment = zeep.Client(str(PAYMENT_WSDL), wsse=wsse)
-        self._account = zeep.Client(str(ACCOUNT_WSDL), wsse=wsse)
+        self._payment = zeep.Client(_document(PAYMENT_WSDL), wsse=wsse)
+        self._account = zeep.Client(_document(ACCOUNT_WSDL), wsse=wsse)
         self._vendor_header = (username, secret) if auth_kind == "parlayx-header" else None
 
     def _envelope(self, client: zeep.Client, operation: str, **params: Any) -> str:

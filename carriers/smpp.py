@@ -116,11 +116,12 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
 
     async def aclose(self) -> None:
         if self._task is not None:
+            # stop() unbinds at once, then sits out the reconnect timer: no need to wait for it
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._esme.stop(), 5)
+                await asyncio.wait_for(self._esme.stop(), 0.2)
             self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            # the library's clean-up after a cancel can linger; it is not ours to wait for
+            await asyncio.wait({self._task}, timeout=0.1)
             self._task = None
 
     # -- aiosmpplib hook --------------------------------------------------------------------------
