@@ -13,17 +13,15 @@ import json
 from typing import Any
 
 from activities.messages import CarrierReport
+from carriers.aggregator import JsonAggregatorAdapter
 from carriers.auth import callback_signature
 from carriers.base import (
-    Capability,
-    CarrierAdapter,
     ChargeRequest,
     OperationResult,
     Outcome,
     RefundRequest,
-    StatusRequest,
 )
-from carriers.http import HttpReply, HttpTransport
+from carriers.http import HttpReply, HttpTransport, refusal
 from models.money import format_major
 
 _FAILURES = {
@@ -52,13 +50,9 @@ def outcome_of(body: dict[str, Any]) -> OperationResult:
 
 
 def map_reply(reply: HttpReply) -> OperationResult:
-    if reply.status_code in (429, 503):
-        retry_after = reply.headers.get("Retry-After")
-        return OperationResult(outcome=Outcome.TRANSIENT, carrier_code=str(reply.status_code),
-                               retry_after_seconds=float(retry_after) if retry_after else None)
-    if reply.status_code in (401, 403):
-        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
-                               message="signature refused")
+    refused = refusal(reply)
+    if refused is not None:
+        return refused
     try:
         body = json.loads(reply.text)
     except json.JSONDecodeError:
@@ -90,38 +84,28 @@ def parse_callback(body: bytes, headers: dict[str, str], secret: str,
                          carrier_code=result.carrier_code, message=result.message)
 
 
-class CallbackAggregatorAdapter(CarrierAdapter):
-    capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
+class CallbackAggregatorAdapter(JsonAggregatorAdapter):
+    charge_path = "/payments"
+    key_param = "order_id"
+
+    def read_reply(self, reply: HttpReply) -> OperationResult:
+        return map_reply(reply)
+
+    def read_lookup(self, reply: HttpReply) -> OperationResult | None:
+        return map_lookup(reply)
 
     def __init__(self, transport: HttpTransport, callback_url: str) -> None:
-        self.carrier_id = transport.carrier_id
-        self._transport = transport
+        super().__init__(transport)
         self._callback_url = callback_url
 
-    async def charge(self, request: ChargeRequest) -> OperationResult:
-        body = {"order_id": request.idempotency_key, "msisdn": request.msisdn,
+    def charge_body(self, request: ChargeRequest) -> dict[str, Any]:
+        return {"order_id": request.idempotency_key, "msisdn": request.msisdn,
                 "amount": format_major(request.amount_minor, request.currency),
                 "currency": request.currency, "description": request.description,
                 "callback_url": self._callback_url}
-        return await self._transport.send(operation="charge", idempotency_key=request.idempotency_key,
-                                          method="POST", path="/payments", json=body,
-                                          mapper=map_reply)
 
-    async def refund(self, request: RefundRequest) -> OperationResult:
-        body = {"order_id": request.idempotency_key,
+    def refund_body(self, request: RefundRequest) -> dict[str, Any]:
+        return {"order_id": request.idempotency_key,
                 "payment_id": request.original_carrier_reference,
                 "amount": format_major(request.amount_minor, request.currency),
                 "currency": request.currency, "callback_url": self._callback_url}
-        return await self._transport.send(operation="refund", idempotency_key=request.idempotency_key,
-                                          method="POST", path="/refunds", json=body,
-                                          mapper=map_reply)
-
-    async def status(self, request: StatusRequest) -> OperationResult | None:
-        path = "/payments" if request.operation == "charge" else "/refunds"
-        return await self._transport.lookup(operation="status", idempotency_key=request.idempotency_key,
-                                            method="GET", path=path,
-                                            params={"order_id": request.idempotency_key},
-                                            mapper=map_lookup)
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()

@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from activities.messages import CarrierReport
 from carriers.base import (
     Capability,
-    CarrierAdapter,
     ChargeRequest,
     OperationResult,
     Outcome,
@@ -26,7 +25,7 @@ from carriers.base import (
     StatusRequest,
 )
 from carriers.callback_aggregator import CallbackRejected
-from carriers.http import HttpReply, HttpTransport
+from carriers.http import HttpAdapter, HttpReply, HttpTransport, refusal
 from models.money import to_decimal
 
 EVENT_PREFIXES = ("org.camaraproject.carrier-billing.", "org.camaraproject.carrier-billing-refund.")
@@ -61,14 +60,12 @@ def outcome_of(status: str | None, reference: str | None, reason: str = "") -> O
 def _error(reply: HttpReply, body: Any) -> OperationResult:
     code = str(body.get("code", "")) if isinstance(body, dict) else ""
     message = str(body.get("message", "")) if isinstance(body, dict) else ""
-    if reply.status_code in (429, 503):
-        retry_after = reply.headers.get("Retry-After")
-        return OperationResult(outcome=Outcome.TRANSIENT, carrier_code=code or str(reply.status_code),
-                               retry_after_seconds=float(retry_after) if retry_after else None)
-    if reply.status_code in (401, 403):
-        outcome = _denial_outcome(message) if code == "CARRIER_BILLING.PAYMENT_DENIED" \
-            else Outcome.REJECTED
-        return OperationResult(outcome=outcome, carrier_code=code, message=message)
+    if code == "CARRIER_BILLING.PAYMENT_DENIED":
+        return OperationResult(outcome=_denial_outcome(message), carrier_code=code,
+                               message=message)
+    refused = refusal(reply)
+    if refused is not None:
+        return refused
     if reply.status_code == 400 and "clientCorrelator" in message:
         # the correlator was used: our earlier request got through; settle by looking it up
         return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=code, message=message)
@@ -117,12 +114,11 @@ def parse_event(body: bytes, headers: dict[str, str], secret: str,
                          carrier_code=result.carrier_code, message=result.message)
 
 
-class CamaraAdapter(CarrierAdapter):
+class CamaraAdapter(HttpAdapter):
     capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
 
     def __init__(self, transport: HttpTransport, callback_url: str, sink_token: str) -> None:
-        self.carrier_id = transport.carrier_id
-        self._transport = transport
+        super().__init__(transport)
         self._callback_url = callback_url
         self._sink_token = sink_token
 
@@ -237,6 +233,3 @@ class CamaraAdapter(CarrierAdapter):
             if len(items) < PAGE_SIZE:
                 return None
         return OperationResult(outcome=Outcome.UNKNOWN, message="too many payments to search")
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()

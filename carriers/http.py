@@ -11,7 +11,7 @@ import httpx
 from pydantic import BaseModel
 
 from carriers.auth import TokenError
-from carriers.base import OperationResult, Outcome
+from carriers.base import CarrierAdapter, OperationResult, Outcome
 from carriers.redaction import redact
 
 
@@ -41,6 +41,26 @@ class HttpReply:
     status_code: int
     text: str
     headers: httpx.Headers
+
+
+def retry_after(reply: HttpReply) -> float | None:
+    value = reply.headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: let the activity's backoff decide
+
+
+def refusal(reply: HttpReply) -> OperationResult | None:
+    """What a status code alone says, alike for every HTTP carrier: busy (429/503: nothing
+    was done, retry later) or not authorised (401/403: permanent for this request)."""
+    if reply.status_code in (429, 503):
+        return OperationResult(outcome=Outcome.TRANSIENT, carrier_code=str(reply.status_code),
+                               message="carrier busy", retry_after_seconds=retry_after(reply))
+    if reply.status_code in (401, 403):
+        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
+                               message="credentials refused")
+    return None
 
 
 ReplyMapper = Callable[[HttpReply], OperationResult]
@@ -140,3 +160,14 @@ class HttpTransport:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class HttpAdapter(CarrierAdapter):
+    """Base of the adapters that talk HTTP through one HttpTransport."""
+
+    def __init__(self, transport: HttpTransport) -> None:
+        self.carrier_id = transport.carrier_id
+        self._transport = transport
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

@@ -13,7 +13,6 @@ from urllib.parse import quote
 
 from carriers.base import (
     Capability,
-    CarrierAdapter,
     ChargeRequest,
     OperationResult,
     Outcome,
@@ -21,7 +20,7 @@ from carriers.base import (
     StatusRequest,
 )
 from carriers.exceptions import outcome_for
-from carriers.http import HttpReply, HttpTransport
+from carriers.http import HttpAdapter, HttpReply, HttpTransport, refusal, retry_after
 from models.money import format_major
 
 
@@ -70,14 +69,6 @@ def refund_body(request: RefundRequest) -> dict[str, Any]:
     }
 
 
-def _retry_after(reply: HttpReply) -> float | None:
-    value = reply.headers.get("Retry-After")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
     """Conservative: only an explicit success or a known exception is final; anything else is
     UNKNOWN and gets settled by repeating the same clientCorrelator."""
@@ -86,13 +77,9 @@ def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
     except json.JSONDecodeError:
         body = None
     if not isinstance(body, dict):
-        if reply.status_code in (429, 503):
-            return OperationResult(
-                outcome=Outcome.TRANSIENT,
-                carrier_code=str(reply.status_code),
-                message="carrier busy",
-                retry_after_seconds=_retry_after(reply),
-            )
+        refused = refusal(reply)
+        if refused is not None:
+            return refused
         return OperationResult(
             outcome=Outcome.UNKNOWN,
             carrier_code=str(reply.status_code),
@@ -118,19 +105,11 @@ def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
                 outcome=outcome_for(message_id),
                 carrier_code=message_id,
                 message=str(exception.get("text", "")),
-                retry_after_seconds=_retry_after(reply),
+                retry_after_seconds=retry_after(reply),
             )
-    if reply.status_code in (401, 403):
-        return OperationResult(
-            outcome=Outcome.REJECTED, carrier_code=str(reply.status_code), message="not authorised"
-        )
-    if reply.status_code in (429, 503):
-        return OperationResult(
-            outcome=Outcome.TRANSIENT,
-            carrier_code=str(reply.status_code),
-            message="carrier busy",
-            retry_after_seconds=_retry_after(reply),
-        )
+    refused = refusal(reply)
+    if refused is not None:
+        return refused
     return OperationResult(
         outcome=Outcome.UNKNOWN,
         carrier_code=str(reply.status_code),
@@ -165,12 +144,11 @@ def map_lookup(reply: HttpReply, expected_status: str) -> OperationResult | None
 _EXPECTED = {"charge": "Charged", "refund": "Refunded"}
 
 
-class OneApiAdapter(CarrierAdapter):
+class OneApiAdapter(HttpAdapter):
     capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
 
     def __init__(self, transport: HttpTransport, form_encoded: bool = False) -> None:
-        self.carrier_id = transport.carrier_id
-        self._transport = transport
+        super().__init__(transport)
         self._form = form_encoded
 
     async def _post(self, operation: str, key: str, msisdn: str, body: dict[str, Any]
@@ -206,6 +184,3 @@ class OneApiAdapter(CarrierAdapter):
             params={"clientCorrelator": request.idempotency_key},
             mapper=lambda reply: map_lookup(reply, expected),
         )
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()

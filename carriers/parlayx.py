@@ -30,7 +30,6 @@ from zeep.wsse.username import UsernameToken
 from carriers.base import (
     BalanceResult,
     Capability,
-    CarrierAdapter,
     ChargeRequest,
     OperationResult,
     Outcome,
@@ -38,7 +37,7 @@ from carriers.base import (
     StatusRequest,
 )
 from carriers.exceptions import outcome_for
-from carriers.http import HttpReply, HttpTransport
+from carriers.http import HttpAdapter, HttpReply, HttpTransport, refusal
 from models.money import format_major, from_decimal
 
 WSDL_DIR = Path(__file__).resolve().parent / "wsdl" / "parlayx"
@@ -96,14 +95,13 @@ def _fault_outcome(fault: Fault) -> OperationResult:
                            message=str(fault.message or ""))
 
 
-class ParlayXAdapter(CarrierAdapter):
+class ParlayXAdapter(HttpAdapter):
     capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS,
                               Capability.BALANCE})
 
     def __init__(self, transport: HttpTransport, auth_kind: str, username: str,
                  secret: str) -> None:
-        self.carrier_id = transport.carrier_id
-        self._transport = transport
+        super().__init__(transport)
         wsse = UsernameToken(username, secret, use_digest=True) if auth_kind == "wsse" else None
         self._payment = zeep.Client(_document(PAYMENT_WSDL), wsse=wsse)
         self._account = zeep.Client(_document(ACCOUNT_WSDL), wsse=wsse)
@@ -118,14 +116,9 @@ class ParlayXAdapter(CarrierAdapter):
     @staticmethod
     def _read(client: zeep.Client, operation: str, reply: HttpReply) -> tuple[Any, OperationResult | None]:
         """The operation's result, or the outcome its failure means."""
-        if reply.status_code in (429, 503):
-            retry_after = reply.headers.get("Retry-After")
-            return None, OperationResult(
-                outcome=Outcome.TRANSIENT, carrier_code=str(reply.status_code),
-                retry_after_seconds=float(retry_after) if retry_after else None)
-        if reply.status_code in (401, 403):
-            return None, OperationResult(outcome=Outcome.REJECTED,
-                                         carrier_code=str(reply.status_code))
+        refused = refusal(reply)
+        if refused is not None:
+            return None, refused
         binding = client.service._binding
         shim = _SoapReply(reply.status_code, reply.text.encode(), dict(reply.headers))
         try:
@@ -213,6 +206,3 @@ class ParlayXAdapter(CarrierAdapter):
             return BalanceResult(outcome=outcome.outcome, message=outcome.message)
         return BalanceResult(outcome=Outcome.SUCCEEDED, currency=currency,
                              amount_minor=from_decimal(sum(found, Decimal(0)), currency))
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()

@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from carriers.aggregator import JsonAggregatorAdapter
 from carriers.base import (
-    Capability,
-    CarrierAdapter,
     ChargeRequest,
     OperationResult,
     Outcome,
     RefundRequest,
-    StatusRequest,
 )
-from carriers.http import HttpReply, HttpTransport
+from carriers.http import HttpReply, refusal
 from models.money import format_major
 
 _REASONS = {
@@ -32,14 +30,9 @@ _REASONS = {
 
 
 def map_status(reply: HttpReply) -> OperationResult:
-    if reply.status_code in (429, 503):
-        retry_after = reply.headers.get("Retry-After")
-        return OperationResult(outcome=Outcome.TRANSIENT, carrier_code=str(reply.status_code),
-                               message="aggregator busy",
-                               retry_after_seconds=float(retry_after) if retry_after else None)
-    if reply.status_code in (401, 403):
-        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
-                               message="signature or key refused")
+    refused = refusal(reply)
+    if refused is not None:
+        return refused
     try:
         body: Any = json.loads(reply.text)
     except json.JSONDecodeError:
@@ -63,36 +56,23 @@ def map_lookup(reply: HttpReply) -> OperationResult | None:
     return None if reply.status_code == 404 else map_status(reply)
 
 
-class PollingAggregatorAdapter(CarrierAdapter):
-    capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
+class PollingAggregatorAdapter(JsonAggregatorAdapter):
+    charge_path = "/charges"
+    key_param = "merchant_tx_id"
 
-    def __init__(self, transport: HttpTransport) -> None:
-        self.carrier_id = transport.carrier_id
-        self._transport = transport
+    def read_reply(self, reply: HttpReply) -> OperationResult:
+        return map_status(reply)
 
-    async def charge(self, request: ChargeRequest) -> OperationResult:
-        body = {"merchant_tx_id": request.idempotency_key, "msisdn": request.msisdn,
+    def read_lookup(self, reply: HttpReply) -> OperationResult | None:
+        return map_lookup(reply)
+
+    def charge_body(self, request: ChargeRequest) -> dict[str, Any]:
+        return {"merchant_tx_id": request.idempotency_key, "msisdn": request.msisdn,
                 "amount": format_major(request.amount_minor, request.currency),
                 "currency": request.currency, "description": request.description}
-        return await self._transport.send(operation="charge", idempotency_key=request.idempotency_key,
-                                          method="POST", path="/charges", json=body,
-                                          mapper=map_status)
 
-    async def refund(self, request: RefundRequest) -> OperationResult:
-        body = {"merchant_tx_id": request.idempotency_key,
+    def refund_body(self, request: RefundRequest) -> dict[str, Any]:
+        return {"merchant_tx_id": request.idempotency_key,
                 "charge_transaction_id": request.original_carrier_reference,
                 "amount": format_major(request.amount_minor, request.currency),
                 "currency": request.currency}
-        return await self._transport.send(operation="refund", idempotency_key=request.idempotency_key,
-                                          method="POST", path="/refunds", json=body,
-                                          mapper=map_status)
-
-    async def status(self, request: StatusRequest) -> OperationResult | None:
-        path = "/charges" if request.operation == "charge" else "/refunds"
-        return await self._transport.lookup(operation="status", idempotency_key=request.idempotency_key,
-                                            method="GET", path=path,
-                                            params={"merchant_tx_id": request.idempotency_key},
-                                            mapper=map_lookup)
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()

@@ -18,7 +18,13 @@ from cryptography.hazmat.primitives import serialization
 
 from carriers.auth import callback_signature
 from simulators.books import InsufficientFunds, RefundRefused
-from simulators.core import SimCarrier, SimulatorCore, drop_connection, post_callback
+from simulators.core import (
+    SimCarrier,
+    SimulatorCore,
+    lose_answer_after_debit,
+    post_callback,
+    refuse_before_debit,
+)
 
 PROTOCOL = "callback-aggregator"
 CALLBACK_DELAY_SECONDS = 0.2
@@ -115,18 +121,9 @@ class CallbackAggregator:
         msisdn = original.msisdn if original else str(body.get("msisdn", ""))
         fault = self.core.take_fault(carrier.carrier_id, msisdn)
         fault_kind = fault.kind if fault else ""
-        if fault_kind == "latency" and fault:
-            await asyncio.sleep(fault.delay)
-        elif fault_kind == "error_503":
-            return web.json_response({"error": "unavailable"}, status=503,
-                                     headers={"Retry-After": "1"})
-        elif fault_kind == "throttle" and fault:
-            return web.json_response({"error": "rate_limited"}, status=429,
-                                     headers={"Retry-After": str(int(fault.delay) or 1)})
-        elif fault_kind == "malformed":
-            return web.Response(status=202, text="OK")
-        elif fault_kind == "error_500":
-            return web.Response(status=500, text="internal error")
+        refusal = await refuse_before_debit(fault, lambda: web.Response(status=202, text="OK"))
+        if refusal is not None:
+            return refusal
 
         payment = self._process(carrier, kind, order_id, msisdn, amount, original,
                                 fault_kind == "insufficient_funds")
@@ -135,10 +132,7 @@ class CallbackAggregator:
             task = asyncio.create_task(self._call_back(carrier, callback_url, payment))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if fault_kind == "timeout_after_debit" and fault:
-            await asyncio.sleep(fault.delay)
-        elif fault_kind == "reset_after_debit":
-            drop_connection(request)
+        await lose_answer_after_debit(request, fault)
         return web.json_response(self._ack(payment), status=202)
 
     @staticmethod

@@ -17,7 +17,14 @@ from typing import Any
 from aiohttp import web
 
 from simulators.books import InsufficientFunds, RefundRefused
-from simulators.core import SimCarrier, SimulatorCore, drop_connection, post_callback
+from simulators.core import (
+    SimCarrier,
+    SimulatorCore,
+    drop_connection,
+    lose_answer_after_debit,
+    post_callback,
+    refuse_before_debit,
+)
 
 PROTOCOL = "camara"
 EVENT_DELAY_SECONDS = 0.2
@@ -138,18 +145,10 @@ class CamaraOperator:
                            correlator_header)
         fault = self.core.take_fault(carrier.carrier_id, msisdn)
         kind = fault.kind if fault else ""
-        if kind == "latency" and fault:
-            await asyncio.sleep(fault.delay)
-        elif kind == "throttle" and fault:
-            return web.json_response({"status": 429, "code": "TOO_MANY_REQUESTS"}, status=429,
-                                     headers={"Retry-After": str(int(fault.delay) or 1)})
-        elif kind == "error_503":
-            return web.json_response({"status": 503, "code": "UNAVAILABLE"}, status=503,
-                                     headers={"Retry-After": "1"})
-        elif kind == "malformed":
-            return web.Response(status=201, text="{payment", content_type="application/json")
-        elif kind == "error_500":
-            return web.Response(status=500, text="internal error")
+        refusal = await refuse_before_debit(
+            fault, lambda: web.Response(status=201, text="{payment", content_type="application/json"))
+        if refusal is not None:
+            return refusal
 
         self.correlators.add((carrier.carrier_id, key))
         payment = Payment(f"{carrier.carrier_id}-pay-{next(self._ids):08d}", carrier.carrier_id,
@@ -165,10 +164,7 @@ class CamaraOperator:
             reply["amountTransaction"] = self._public(payment.transaction)
             return web.json_response(reply, status=201)
         self._settle(carrier, payment, body, kind)
-        if kind == "timeout_after_debit" and fault:
-            await asyncio.sleep(fault.delay)
-        elif kind == "reset_after_debit":
-            drop_connection(request)
+        await lose_answer_after_debit(request, fault)
         return web.json_response(payment.view(), status=201,
                                  headers={"x-correlator": correlator_header})
 

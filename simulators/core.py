@@ -8,6 +8,7 @@ import base64
 import random
 import secrets as pysecrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import NoReturn
@@ -193,3 +194,34 @@ async def post_callback(url: str, body: bytes, headers: dict[str, str]) -> bool:
             return reply.status < 300
     except (aiohttp.ClientError, TimeoutError):
         return False
+
+
+async def refuse_before_debit(fault: TakenFault | None,
+                              malformed: Callable[[], web.Response]) -> web.Response | None:
+    """The faults that strike before any money moves, alike for every HTTP carrier: a slow
+    answer (then carry on), 503, 429 with Retry-After, 500, or the family's malformed reply."""
+    if fault is None:
+        return None
+    if fault.kind == "latency":
+        await asyncio.sleep(fault.delay)
+    elif fault.kind == "error_503":
+        return web.json_response({"error": "unavailable"}, status=503,
+                                 headers={"Retry-After": "1"})
+    elif fault.kind == "throttle":
+        return web.json_response({"error": "too many requests"}, status=429,
+                                 headers={"Retry-After": str(int(fault.delay) or 1)})
+    elif fault.kind == "error_500":
+        return web.Response(status=500, text="internal error")
+    elif fault.kind == "malformed":
+        return malformed()
+    return None
+
+
+async def lose_answer_after_debit(request: web.Request, fault: TakenFault | None) -> None:
+    """The faults that strike after the debit: answer too late, or not at all."""
+    if fault is None:
+        return
+    if fault.kind == "timeout_after_debit":
+        await asyncio.sleep(fault.delay)
+    elif fault.kind == "reset_after_debit":
+        drop_connection(request)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -11,7 +10,12 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from simulators.books import InsufficientFunds, RefundRefused
-from simulators.core import SimCarrier, SimulatorCore, drop_connection
+from simulators.core import (
+    SimCarrier,
+    SimulatorCore,
+    lose_answer_after_debit,
+    refuse_before_debit,
+)
 
 PROTOCOL = "oneapi"
 
@@ -110,21 +114,12 @@ class OneApiCarrier:
             return self._echo(request, carrier, txn_in, previous.server_reference, status)
 
         fault = self.core.take_fault(carrier.carrier_id, msisdn)
-        kind = fault.kind if fault else ""
-        if kind == "latency":
-            await asyncio.sleep(fault.delay if fault else 0)
-        elif kind == "error_503":
-            return web.json_response({"error": "unavailable"}, status=503,
-                                     headers={"Retry-After": "1"})
-        elif kind == "error_500":
-            return web.Response(status=500, text="internal error")
-        elif kind == "insufficient_funds":
+        refusal = await refuse_before_debit(
+            fault, lambda: web.Response(status=201, text="<html>gateway says hello</html>"))
+        if refusal is not None:
+            return refusal
+        if fault is not None and fault.kind == "insufficient_funds":
             return request_error(400, "policyException", "POL1000", "insufficient credit")
-        elif kind == "malformed":
-            return web.Response(status=201, text="<html>gateway says hello</html>")
-        elif kind == "throttle":
-            return web.json_response({"error": "too many requests"}, status=429, headers={
-                "Retry-After": str(int(fault.delay if fault else 1) or 1)})
 
         reference = str(txn_in.get("referenceCode", ""))
         try:
@@ -141,8 +136,5 @@ class OneApiCarrier:
         except RefundRefused as exc:
             return request_error(400, "serviceException", "SVC0270", str(exc))
 
-        if kind == "timeout_after_debit":
-            await asyncio.sleep(fault.delay if fault else 0)
-        elif kind == "reset_after_debit":
-            drop_connection(request)
+        await lose_answer_after_debit(request, fault)
         return self._echo(request, carrier, txn_in, txn.server_reference, operation)

@@ -3,7 +3,6 @@ WSDLs, checking WS-Security UsernameToken digests or the vendor RequestSOAPHeade
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -15,7 +14,12 @@ from lxml import etree
 
 from carriers.parlayx import ACCOUNT_WSDL, PAYMENT_WSDL, WSDL_DIR, sp_password
 from simulators.books import CarrierBook, InsufficientFunds, RefundRefused
-from simulators.core import SimCarrier, SimulatorCore, drop_connection
+from simulators.core import (
+    SimCarrier,
+    SimulatorCore,
+    lose_answer_after_debit,
+    refuse_before_debit,
+)
 
 PROTOCOL = "parlayx"
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -144,17 +148,12 @@ class ParlayXCarrier:
 
         fault = self.core.take_fault(carrier.carrier_id, msisdn)
         kind = fault.kind if fault else ""
-        if kind == "latency" and fault:
-            await asyncio.sleep(fault.delay)
-        elif kind in ("error_503", "throttle"):
-            delay = int(fault.delay) if fault and kind == "throttle" else 1
-            return web.Response(status=429 if kind == "throttle" else 503,
-                                headers={"Retry-After": str(delay or 1)})
-        elif kind == "error_500":
-            return web.Response(status=500, text="internal error")
-        elif kind == "malformed":
-            return web.Response(status=200, text="<html><body>gateway", content_type="text/html")
-        elif kind == "insufficient_funds":
+        refusal = await refuse_before_debit(
+            fault, lambda: web.Response(status=200, text="<html><body>gateway",
+                                        content_type="text/html"))
+        if refusal is not None:
+            return refusal
+        if kind == "insufficient_funds":
             return self.fault(carrier, "PolicyException", "POL1000", "insufficient credit")
         try:
             if operation == "chargeAmount":
@@ -169,10 +168,7 @@ class ParlayXCarrier:
             return self.fault(carrier, "PolicyException", "POL1000", "insufficient credit")
         except RefundRefused as exc:
             return self.fault(carrier, "ServiceException", "SVC0270", str(exc))
-        if kind == "timeout_after_debit" and fault:
-            await asyncio.sleep(fault.delay)
-        elif kind == "reset_after_debit":
-            drop_connection(request)
+        await lose_answer_after_debit(request, fault)
         return self._done(operation)
 
     @staticmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import itertools
 import json
@@ -14,7 +13,12 @@ from aiohttp import web
 
 from carriers.auth import hmac_signature
 from simulators.books import InsufficientFunds, RefundRefused
-from simulators.core import SimCarrier, SimulatorCore, drop_connection
+from simulators.core import (
+    SimCarrier,
+    SimulatorCore,
+    lose_answer_after_debit,
+    refuse_before_debit,
+)
 
 PROTOCOL = "polling-aggregator"
 PROCESSING_SECONDS = 0.3
@@ -85,25 +89,14 @@ class PollingAggregator:
             msisdn = original.msisdn if original else ""
         fault = self.core.take_fault(carrier.carrier_id, msisdn)
         fault_kind = fault.kind if fault else ""
-        if fault_kind == "latency" and fault:
-            await asyncio.sleep(fault.delay)
-        elif fault_kind == "error_503":
-            return web.json_response({"error": "unavailable"}, status=503,
-                                     headers={"Retry-After": "1"})
-        elif fault_kind == "throttle" and fault:
-            return web.json_response({"error": "rate_limited"}, status=429,
-                                     headers={"Retry-After": str(int(fault.delay) or 1)})
-        elif fault_kind == "malformed":
-            return web.Response(status=202, text="accepted?")
-        elif fault_kind == "error_500":
-            return web.Response(status=500, text="internal error")
+        refusal = await refuse_before_debit(fault,
+                                            lambda: web.Response(status=202, text="accepted?"))
+        if refusal is not None:
+            return refusal
 
         operation = self._process(carrier, kind, key, msisdn, amount, body,
                                   force_insufficient=fault_kind == "insufficient_funds")
-        if fault_kind == "timeout_after_debit" and fault:
-            await asyncio.sleep(fault.delay)
-        elif fault_kind == "reset_after_debit":
-            drop_connection(request)
+        await lose_answer_after_debit(request, fault)
         return web.json_response(operation.view(), status=202)
 
     def _process(self, carrier: SimCarrier, kind: str, key: str, msisdn: str, amount: Decimal,

@@ -1,0 +1,56 @@
+"""What the two aggregator families share: JSON requests keyed by our idempotency key, a
+charge and a refund collection, and a look-up of either by that key."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from carriers.base import (
+    Capability,
+    ChargeRequest,
+    OperationResult,
+    RefundRequest,
+    StatusRequest,
+)
+from carriers.http import HttpAdapter, HttpReply
+
+
+class JsonAggregatorAdapter(HttpAdapter):
+    capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
+    charge_path: ClassVar[str]
+    refund_path: ClassVar[str] = "/refunds"
+    # the query parameter the aggregator finds our key by
+    key_param: ClassVar[str]
+
+    def read_reply(self, reply: HttpReply) -> OperationResult:
+        raise NotImplementedError
+
+    def read_lookup(self, reply: HttpReply) -> OperationResult | None:
+        raise NotImplementedError
+
+    def charge_body(self, request: ChargeRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def refund_body(self, request: RefundRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _post(self, operation: str, key: str, path: str, body: dict[str, Any]
+                    ) -> OperationResult:
+        return await self._transport.send(operation=operation, idempotency_key=key,
+                                          method="POST", path=path, json=body,
+                                          mapper=self.read_reply)
+
+    async def charge(self, request: ChargeRequest) -> OperationResult:
+        return await self._post("charge", request.idempotency_key, self.charge_path,
+                                self.charge_body(request))
+
+    async def refund(self, request: RefundRequest) -> OperationResult:
+        return await self._post("refund", request.idempotency_key, self.refund_path,
+                                self.refund_body(request))
+
+    async def status(self, request: StatusRequest) -> OperationResult | None:
+        path = self.charge_path if request.operation == "charge" else self.refund_path
+        return await self._transport.lookup(
+            operation="status", idempotency_key=request.idempotency_key, method="GET",
+            path=path, params={self.key_param: request.idempotency_key},
+            mapper=self.read_lookup)
