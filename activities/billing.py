@@ -66,7 +66,9 @@ async def settle_or_send(
     """A final result the carrier pushed to us is taken as it is. Otherwise, when an earlier
     answer was pending or lost (a retry), ask the carrier by idempotency key and send again only
     if it has no record. A failed look-up is itself ambiguous, and is retried, never resent."""
-    if reported is not None and Outcome(reported.outcome) in _FINAL:
+    usable = reported is not None and Outcome(reported.outcome) in _FINAL and (
+        reported.outcome != Outcome.SUCCEEDED or reported.carrier_reference)
+    if reported is not None and usable:  # (a success we cannot reference is looked up)
         return OperationResult(outcome=Outcome(reported.outcome),
                                carrier_reference=reported.carrier_reference,
                                carrier_code=reported.carrier_code, message=reported.message)
