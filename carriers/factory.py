@@ -110,12 +110,14 @@ def build_adapter(
                                      "a receipt relay")
         return cls(carrier, resolve_base_url(carrier, settings), secret, smpp_store, receipts,  # type: ignore[no-any-return]
                    sink, carrier.locale, timeout_seconds=timeout)
+    callback_secret = settings.carrier_secrets.get(carrier.auth.callback_secret_ref or "")
     transport = HttpTransport(
         carrier_id=carrier.id,
         base_url=resolve_base_url(carrier, settings),
         auth=_http_auth(carrier, settings, secret),
         timeout_seconds=timeout,
-        secrets=[secret],
+        # the callback secret travels in CAMARA request bodies (sinkCredential): keep it out too
+        secrets=[secret] + ([callback_secret.get_secret_value()] if callback_secret else []),
         sink=sink,
     )
     adapter: CarrierAdapter
@@ -124,12 +126,10 @@ def build_adapter(
     elif carrier.protocol == "parlayx":
         adapter = cls(transport, carrier.auth.kind, carrier.auth.username, secret)
     elif carrier.protocol == "camara":
-        assert carrier.auth.callback_secret_ref is not None
-        sink_token = settings.carrier_secrets.get(carrier.auth.callback_secret_ref)
-        if sink_token is None:
+        if callback_secret is None:
             raise CarrierConfigError(f"carrier {carrier.id} needs secret "
                                      f"{carrier.auth.callback_secret_ref!r} for its sink")
-        adapter = cls(transport, callback_url, sink_token.get_secret_value())
+        adapter = cls(transport, callback_url, callback_secret.get_secret_value())
     elif carrier.protocol == "callback-aggregator":
         adapter = cls(transport, callback_url)
     else:
