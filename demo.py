@@ -184,12 +184,15 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     console.print(f"starting {args.subscriptions} subscriptions on 10-second demo plans …")
     ids = await start_all(client, registry, args.subscriptions, sim_url, rng)
     began = time.monotonic()
-    with Live(progress_table(engine, len(ids), 0, args.seconds), console=console,
-              refresh_per_second=2) as live:
-        while (elapsed := time.monotonic() - began) < args.seconds:
-            stack.check_alive()
-            await asyncio.sleep(1)
-            live.update(progress_table(engine, len(ids), elapsed, args.seconds))
+    try:
+        with Live(progress_table(engine, len(ids), 0, args.seconds), console=console,
+                  refresh_per_second=2) as live:
+            while (elapsed := time.monotonic() - began) < args.seconds:
+                stack.check_alive()
+                await asyncio.sleep(1)
+                live.update(progress_table(engine, len(ids), elapsed, args.seconds))
+    except asyncio.CancelledError:  # the first Ctrl-C: wind down and still show the summary
+        console.print("\nCtrl-C: winding down (Ctrl-C again stops at once) …")
     console.print("cancelling the subscriptions …")
     limiter = asyncio.Semaphore(20)
 
