@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from activities.messages import CarrierReport
 from carriers.callback_aggregator import CallbackRejected
@@ -80,8 +81,13 @@ class CallbackReceiver:
             await self._sink(self._record(carrier_id, "", request, body, 401, "rejected",
                                           started, str(exc)))
             raise web.HTTPUnauthorized(text=str(exc)) from None
-        delivered = await self._relay.relay(report, self._record(
-            carrier_id, report.idempotency_key, request, body, 200, report.outcome, started))
+        try:
+            delivered = await self._relay.relay(report, self._record(
+                carrier_id, report.idempotency_key, request, body, 200, report.outcome, started))
+        except RPCError as exc:  # carriers retry what is not acknowledged
+            log.warning("callback for %s kept for the carrier's retry: %s",
+                        report.idempotency_key, exc.message)
+            raise web.HTTPServiceUnavailable(text="try again later") from None
         if delivered == "unroutable":
             raise web.HTTPBadRequest(text="unknown order")
         return web.json_response({"status": delivered})

@@ -19,8 +19,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.messages import RefundOutput
+from carriers.base import Capability
+from carriers.factory import adapter_class
 from carriers.loader import Registry, default_registry
 from models import ledger
 from models.db import make_engine
@@ -211,13 +214,23 @@ class SubscriptionClient:
                 ]),
                 static_summary=f"{price.product_id} {Period(price.period).value} on {carrier.id}",
             )
-        except BaseException:
-            # no workflow, so no live subscription: free the subscriber+product slot
-            await asyncio.to_thread(self._abandon, subscription.id)
+        except Exception:
+            # Free the subscriber+product slot only when no workflow exists: the start may
+            # have reached the server even though its answer did not reach us.
+            if not await self._workflow_exists(subscription.workflow_id):
+                await asyncio.to_thread(self._abandon, subscription.id)
             raise
         return StartedSubscription(subscription_id=subscription.id,
                                    workflow_id=subscription.workflow_id,
                                    carrier_id=carrier.id, price_point_id=price.id)
+
+    async def _workflow_exists(self, workflow_id: str) -> bool:
+        try:
+            await self.client.get_workflow_handle(workflow_id).describe()
+        except RPCError as exc:
+            # when it cannot tell, keep the row: it blocks a second subscription, not money
+            return exc.status != RPCStatusCode.NOT_FOUND
+        return True
 
     def _abandon(self, subscription_id: int) -> None:
         with Session(self.engine) as session:
@@ -266,6 +279,9 @@ class SubscriptionClient:
                 raise SubscriptionRequestError(
                     f"subscription {subscription_id} has no charge for cycle {cycle}"
                 )
+            if Capability.REFUND not in adapter_class(
+                    self.registry.carriers[charge.carrier_id]).capabilities:
+                raise SubscriptionRequestError(f"{charge.carrier_id} offers no refunds")
             if ledger.refund_of(session, charge) is not None:
                 raise SubscriptionRequestError(
                     f"cycle {cycle} of subscription {subscription_id} is already refunded"

@@ -65,7 +65,8 @@ async def settle_or_send(
 ) -> OperationResult:
     """A final result the carrier pushed to us is taken as it is. Otherwise, when an earlier
     answer was pending or lost (a retry), ask the carrier by idempotency key and send again only
-    if it has no record. A failed look-up is itself ambiguous, and is retried, never resent."""
+    if it has no record. A failed look-up is itself ambiguous, and is retried, never resent.
+    (An adapter without a status look-up must be one whose carrier replays a repeated key.)"""
     usable = reported is not None and Outcome(reported.outcome) in _FINAL and (
         reported.outcome != Outcome.SUCCEEDED or reported.carrier_reference)
     if reported is not None and usable:  # (a success we cannot reference is looked up)
@@ -190,6 +191,8 @@ class BillingActivities:
                 already.carrier_reference,
             )
         adapter = self._adapters.get(charge.carrier_id)
+        if not adapter.supports(Capability.REFUND):
+            raise NotRefundable(f"{charge.carrier_id} offers no refunds")
         refund = RefundRequest(
             idempotency_key=key,
             msisdn=msisdn,

@@ -53,6 +53,9 @@ def map_reply(reply: HttpReply) -> OperationResult:
     refused = refusal(reply)
     if refused is not None:
         return refused
+    if reply.status_code in (400, 404, 422):  # refused as invalid: nothing was done
+        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
+                               message=reply.text[:200])
     try:
         body = json.loads(reply.text)
     except json.JSONDecodeError:

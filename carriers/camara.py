@@ -9,6 +9,7 @@ resend blindly: the activity looks the payment up (``retrievePayments``) before 
 
 from __future__ import annotations
 
+import hmac
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,10 +67,11 @@ def _error(reply: HttpReply, body: Any) -> OperationResult:
     refused = refusal(reply)
     if refused is not None:
         return refused
-    if reply.status_code == 400 and "clientCorrelator" in message:
-        # the correlator was used: our earlier request got through; settle by looking it up
+    if reply.status_code == 409 or (reply.status_code == 400 and "clientCorrelator" in message):
+        # the correlator was used, or the payment exists: our earlier request got through,
+        # whatever the wording; settle by looking it up, never by sending again
         return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=code, message=message)
-    if reply.status_code in (400, 404, 409, 422):
+    if reply.status_code in (400, 404, 422):
         return OperationResult(outcome=Outcome.REJECTED, carrier_code=code, message=message)
     return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=code or str(reply.status_code),
                            message=message or f"unexpected HTTP {reply.status_code}")
@@ -95,7 +97,7 @@ def map_created(reply: HttpReply, id_field: str, status_field: str) -> Operation
 def parse_event(body: bytes, headers: dict[str, str], secret: str,
                 key: str | None) -> CarrierReport:
     """A CloudEvent delivered to our sink; the sink URL carries the idempotency key."""
-    if headers.get("authorization", "") != f"Bearer {secret}" or not key:
+    if not key or not hmac.compare_digest(headers.get("authorization", ""), f"Bearer {secret}"):
         raise CallbackRejected("bad sink credential")
     try:
         event = json.loads(body)

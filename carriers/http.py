@@ -141,6 +141,9 @@ class HttpTransport:
                 outcome=Outcome.UNKNOWN, message=f"no answer after sending: {error}"
             )
         latency_ms = int((time.perf_counter() - started) * 1000)
+        if result is not None and result.message:  # carrier text reaches workflow histories
+            result = result.model_copy(update={"message": redact(result.message, self._secrets)})
+        error = redact(error, self._secrets) if error else None
         await self._sink(
             InteractionRecord(
                 carrier_id=self.carrier_id,

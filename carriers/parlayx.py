@@ -122,7 +122,12 @@ class ParlayXAdapter(HttpAdapter):
         binding = client.service._binding
         shim = _SoapReply(reply.status_code, reply.text.encode(), dict(reply.headers))
         try:
-            return binding.process_reply(client, binding.get(operation), shim), None
+            result = binding.process_reply(client, binding.get(operation), shim)
+            if reply.status_code != 200:  # e.g. an empty 202: accepted is not done
+                return None, OperationResult(outcome=Outcome.UNKNOWN,
+                                             carrier_code=str(reply.status_code),
+                                             message=f"unexpected HTTP {reply.status_code}")
+            return result, None
         except Fault as fault:
             return None, _fault_outcome(fault)
         except (XMLSyntaxError, TransportError, etree.XMLSyntaxError) as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from temporalio.client import Client
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.messages import CarrierReport, workflow_id_for_key
 from carriers.http import InteractionRecord, InteractionSink
@@ -30,6 +30,8 @@ class ReportRelay:
                                                                            report)
                 delivered = "relayed"
             except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise  # Temporal unreachable: the caller must not acknowledge it as done
                 log.info("result for %s not relayed: %s", workflow_id, exc.message)
                 delivered = "late"
         await self._sink(record.model_copy(update={

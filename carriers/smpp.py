@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiosmpplib import ESME, PhoneNumber, SmppCommandStatus, SubmitSm
+from aiosmpplib import ESME, PhoneNumber, SmppCommandStatus, SmppSessionState, SubmitSm
 from aiosmpplib.broker import SimpleBroker
 from aiosmpplib.hook import AbstractHook
 from aiosmpplib.protocol import BindTransceiverResp, DeliverSm, GenericNack, SmppMessage, SubmitSmResp
@@ -57,6 +57,14 @@ _BAD_LOGIN = {SmppCommandStatus.ESME_RINVPASWD, SmppCommandStatus.ESME_RINVSYSID
 ReceiptSink = Callable[[CarrierReport, InteractionRecord], Awaitable[Any]]
 
 
+class _RedactingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """aiosmpplib logs whole PDUs (numbers included) when a send fails: mask them first."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = redact(record.getMessage()), ()
+        super().emit(record)
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.removeprefix("smpp://").rpartition(":")
     return host, int(port)
@@ -86,12 +94,13 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
         self._secret = password
         self._responses: dict[str, asyncio.Future[SubmitSmResp | GenericNack]] = {}
         self._bind_status: SmppCommandStatus | None = None
-        self._bound = asyncio.Event()
+        self._sequences: dict[int, str] = {}
         self._broker = SimpleBroker()
         self._esme = ESME(smsc_host=self._host, smsc_port=self._port, system_id=carrier.auth.username,
                           password=password, hook=self, broker=self._broker,
                           enquire_link_interval=30.0, socket_timeout=10.0,
-                          client_id=f"cb-{carrier.id}", log_level=logging.WARNING)
+                          client_id=f"cb-{carrier.id}", log_level=logging.WARNING,
+                          log_handler=_RedactingHandler())
         self._task: asyncio.Task[None] | None = None
 
     # -- session --------------------------------------------------------------------------------
@@ -102,17 +111,18 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
             self._task = asyncio.create_task(self._esme.start(), name=f"smpp-{self.carrier_id}")
 
     async def _ready(self) -> SmppCommandStatus | None:
-        """None once bound; the SMSC's refusal if it refused our login."""
+        """None once bound; otherwise why not: the SMSC refused our login, or (ESME_RBINDFAIL)
+        no bind came about in time. Nothing is queued for a session that is not bound, so no
+        submission can sit in memory and be lost."""
         self.start()
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
             if self._bind_status in _BAD_LOGIN:
                 return self._bind_status
-            if self._bound.is_set():
+            if self._esme.session_state == SmppSessionState.BOUND_TRX:
                 return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._bound.wait(), 0.05)
-        return SmppCommandStatus.ESME_RBINDFAIL if self._bind_status else None
+            await asyncio.sleep(0.02)
+        return SmppCommandStatus.ESME_RBINDFAIL
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -127,7 +137,8 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
     # -- aiosmpplib hook --------------------------------------------------------------------------
 
     async def sending(self, smpp_message: SmppMessage, pdu: bytes, client_id: str) -> None:
-        return None
+        if isinstance(smpp_message, SubmitSm):  # a generic_nack names only the sequence
+            self._sequences[smpp_message.sequence_num] = smpp_message.log_id
 
     async def send_error(self, smpp_message: SmppMessage, error: Exception, client_id: str) -> None:
         if isinstance(smpp_message, SubmitSm):
@@ -138,16 +149,10 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
     async def received(self, smpp_message: SmppMessage | None, pdu: bytes, client_id: str) -> None:
         if isinstance(smpp_message, BindTransceiverResp):
             self._bind_status = smpp_message.command_status
-            if smpp_message.command_status == SmppCommandStatus.ESME_ROK:
-                self._bound.set()
-            else:
-                self._bound.clear()
         elif isinstance(smpp_message, SubmitSmResp | GenericNack):
-            future = self._responses.get(getattr(smpp_message, "log_id", ""))
-            if future is None and isinstance(smpp_message, GenericNack):
-                # a nack names no request: it answers whichever submit waits alone
-                waiting = [f for f in self._responses.values() if not f.done()]
-                future = waiting[0] if len(waiting) == 1 else None
+            key = self._sequences.pop(smpp_message.sequence_num, None) or str(
+                getattr(smpp_message, "log_id", ""))
+            future = self._responses.get(key)
             if future is not None and not future.done():
                 future.set_result(smpp_message)
         elif isinstance(smpp_message, DeliverSm) and smpp_message.is_receipt():
@@ -189,16 +194,20 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
             log.warning("unmatched receipt on %s: %s", self.carrier_id, redact(summary))
             await self._sink(self._record("receipt", "", summary, "", "unmatched", started))
             return
-        delivered = state in self._config.delivered_states
-        row = await self._store.update(row.id, state="delivered" if delivered else "failed",
-                                       message_id=row.message_id or message_id,
-                                       receipt_status=state, error_code=error)
+        if row.state not in ("delivered", "failed"):  # a repeated receipt changes nothing
+            delivered = state in self._config.delivered_states
+            row = await self._store.update(row.id, state="delivered" if delivered else "failed",
+                                           message_id=row.message_id or message_id,
+                                           receipt_status=state, error_code=error)
         result = self._outcome(row)
         report = CarrierReport(idempotency_key=row.idempotency_key, outcome=result.outcome.value,
                                carrier_reference=result.carrier_reference,
                                carrier_code=result.carrier_code)
-        await self._on_receipt(report, self._record("receipt", row.idempotency_key, summary, "",
-                                                    result.outcome.value, started))
+        try:
+            await self._on_receipt(report, self._record("receipt", row.idempotency_key, summary,
+                                                        "", result.outcome.value, started))
+        except Exception:  # the row holds the result: the workflow's status look-up finds it
+            log.exception("receipt for %s not relayed", row.idempotency_key)
 
     def _record(self, operation: str, key: str, request: str, response: str, outcome: str,
                 started: float, error: str | None = None) -> InteractionRecord:
@@ -220,11 +229,19 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
         encoding = sms_encoding(text)
         summary = (f"submit_sm src={source} dst={msisdn} registered_delivery={int(registered)} "
                    f"coding={encoding.encoding} segments={encoding.segments} user_ref={reference}")
-        refused = await self._ready()
-        if refused is not None:
-            result = OperationResult(outcome=Outcome.REJECTED, carrier_code=refused.name,
-                                     message="the SMSC refused our bind")
+        if registered and encoding.segments > 1:
+            # each segment from a premium short code is billed: a charge is one segment
+            result = OperationResult(outcome=Outcome.REJECTED, carrier_code="SEGMENTS",
+                                     message=f"charge notice needs {encoding.segments} segments")
             await self._sink(self._record(operation, key, summary, "", "rejected", started))
+            return result, None, True
+        unbound = await self._ready()
+        if unbound is not None:
+            result = OperationResult(
+                outcome=Outcome.REJECTED if unbound in _BAD_LOGIN else Outcome.TRANSIENT,
+                carrier_code=unbound.name, message="no bound session with the SMSC")
+            await self._sink(self._record(operation, key, summary, "", result.outcome.value,
+                                          started))
             return result, None, True
         params = [OptionalParam(USER_MESSAGE_REFERENCE, reference)] if reference is not None else []
         submit = SubmitSm(short_message=text, source=PhoneNumber(source),
@@ -237,7 +254,7 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
         try:
             await self._broker.enqueue(submit)
             answer = await asyncio.wait_for(future, self._timeout)
-        except (TimeoutError, ConnectionError, OSError) as exc:
+        except Exception as exc:  # sent or not, we cannot tell: never resend blindly
             await self._sink(self._record(operation, key, summary, "", "unknown", started,
                                           f"{type(exc).__name__}: no submit_sm_resp"))
             return OperationResult(outcome=Outcome.UNKNOWN,
@@ -246,7 +263,7 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
             self._responses.pop(key, None)
         status = answer.command_status
         message_id = answer.message_id if isinstance(answer, SubmitSmResp) else None
-        if isinstance(answer, GenericNack):
+        if isinstance(answer, GenericNack):  # the SMSC could not read our submit_sm
             result = OperationResult(outcome=Outcome.UNKNOWN, carrier_code=status.name,
                                      message="malformed exchange: generic_nack")
         elif status == SmppCommandStatus.ESME_ROK:

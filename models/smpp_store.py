@@ -77,11 +77,12 @@ class SubmissionStore:
                        msisdn: str) -> SmppSubmission | None:
         with Session(self._engine) as session:
             if message_id:
-                row = session.exec(select(SmppSubmission).where(
+                # SMSCs reuse message ids: a submission still waiting wins, then the newest
+                rows = session.exec(select(SmppSubmission).where(
                     SmppSubmission.carrier_id == carrier_id,
-                    SmppSubmission.message_id == message_id)).first()
-                if row is not None:
-                    return row
+                    SmppSubmission.message_id == message_id)).all()
+                if rows:
+                    return max(rows, key=lambda r: (r.state in ("sending", "submitted"), r.id or 0))
             if user_reference is None:
                 return None
             # the submit_sm_resp was lost: match the reference we sent, for this number

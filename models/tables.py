@@ -90,7 +90,8 @@ class PricePoint(SQLModel, table=True):
     currency: str = Field(max_length=3)
     period: Period = Field(sa_type=sa.String(16))
     interval_seconds: int | None = None
-    # delays, in seconds after the due time, of the retries after insufficient funds
+    # delays, in seconds, of the retries after insufficient funds, each counted from the
+    # previous failed attempt
     retry_schedule_seconds: str = Field(default="3600,21600,86400")
 
     def retry_delays(self) -> list[int]:

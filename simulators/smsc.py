@@ -57,7 +57,7 @@ def receipt_text(carrier: SimCarrier, message_id: str, stat: str, err: str, text
     stamp = datetime.now(UTC).strftime("%y%m%d%H%M")
     delivered = "001" if stat == "DELIVRD" else "000"
     return (f"id:{message_id} sub:001 dlvrd:{delivered} submit date:{stamp} done date:{stamp} "
-            f"stat:{stat} err:{err} text:{text[:20]}")
+            f"stat:{stat} err:{err} text:{text[:20].encode('ascii', 'replace').decode()}")
 
 
 class Smsc:

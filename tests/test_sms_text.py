@@ -31,3 +31,20 @@ def test_templates_follow_the_locale_and_currency() -> None:
         "P: you have been charged")
     assert sms_encoding(charge_notice("ja_JP", "Game Pass", 500, "JPY", "1234")).encoding == "UCS-2"
     assert sms_encoding(charge_notice("en_GB", "Game Pass", 150, "GBP", "84422")).encoding == "GSM-7"
+
+
+def test_every_premium_charge_notice_fits_one_segment() -> None:
+    """Each segment sent from a premium short code is billed: a charge must be one segment."""
+    from carriers.loader import default_registry
+    from models.money import from_decimal
+
+    registry = default_registry()
+    for carrier in registry.carriers.values():
+        if carrier.protocol != "smpp":
+            continue
+        currency = registry.currency_of(carrier.id)
+        for price in carrier.price_points:
+            assert price.short_code is not None
+            text = charge_notice(carrier.locale, "gem-pack cycle 9999",
+                                 from_decimal(price.amount, currency), currency, price.short_code)
+            assert sms_encoding(text).segments == 1, (carrier.id, text)

@@ -96,7 +96,9 @@ class SubscriptionWorkflow:
             state.next_charge_at = self._due(state.next_cycle)
             if (cycles_this_run >= subscription.cycles_per_run
                     or workflow.info().is_continue_as_new_suggested()):
-                await workflow.wait_condition(workflow.all_handlers_finished)
+                # a cancel update waits for this run to finish: never make it wait for us
+                await workflow.wait_condition(
+                    lambda: workflow.all_handlers_finished() or state.cancel_requested)
                 if not state.cancel_requested:
                     state.runs += 1
                     workflow.continue_as_new(replace(subscription, state=state))
