@@ -321,3 +321,32 @@ async def test_premium_sms_charges_are_decided_by_delivery_receipts(
                                                    "succeeded (relayed)"]
     assert all(msisdn[3:] not in r.request_body for r in receipts)
     await client.cancel_subscription(started.subscription_id)
+
+
+async def test_a_charge_the_carrier_never_settles_is_left_to_reconciliation(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No receipt ever comes and SMPP cannot be asked: after the settle attempts run out the
+    cycle is 'unsettled' (not failed, not retried, nothing in the ledger) and billing goes on."""
+    import workflows.settle
+
+    monkeypatch.setattr(workflows.settle, "MAX_SETTLE_ATTEMPTS", 3)
+    registry = default_registry()
+    carrier = registry.carriers["ke-safari"]
+    msisdn = sample_msisdn(carrier, registry, random.Random(99))
+    await simulator.fault(carrier.id, "no_callback", msisdn)
+    started = await client.start_subscription(StartSubscriptionRequest(
+        msisdn=msisdn, product_id="game-pass", amount_minor=10000, currency="KES",
+        period=Period.WEEKLY))
+    handle = client.handle(started.subscription_id)
+    for _ in range(100):  # the submission is accepted; its receipt never comes
+        if (await handle.query(SubscriptionWorkflow.state)).recent_cycles:
+            break
+        await temporal_env.sleep(timedelta(minutes=10))
+    state = await handle.query(SubscriptionWorkflow.state)
+    assert [(c.cycle, c.outcome) for c in state.recent_cycles] == [(1, "unsettled")]
+    assert (state.charges_succeeded, state.cycles_failed, state.status) == (0, 0, "active")
+    assert ledger_of(engine, started.subscription_id) == []
+    assert len(await simulator.transactions(carrier.id, msisdn)) == 1  # debited, once
+    await client.cancel_subscription(started.subscription_id)

@@ -8,9 +8,22 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.messages import CarrierReport
+
+
+# Each attempt adds about ten history events; past this many the operation is handed to
+# reconciliation rather than let the history grow toward Temporal's limit.
+MAX_SETTLE_ATTEMPTS = 500
+
+
+class SettlementAbandoned(ApplicationError):
+    """The carrier never gave a final answer: reconciliation against its reports decides."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="SettlementAbandoned", non_retryable=True)
 
 
 class HasOutcome(Protocol):
@@ -41,13 +54,16 @@ class PendingSettler:
     ) -> R:
         """``first()`` sends the operation; while it is pending, ``attempt(report)`` settles it.
         A callback may beat the first answer, so reports are accepted from the start. Never
-        gives up: an ambiguous operation may have moved money, so the last delay repeats."""
+        gives up early: an ambiguous operation may have moved money, so the last delay repeats,
+        up to MAX_SETTLE_ATTEMPTS; then SettlementAbandoned hands it to reconciliation."""
         settles = 0
         delays = delays or [60.0]
         self.awaiting = key
         try:
             result = await first()
             while result.outcome == "pending":
+                if settles >= MAX_SETTLE_ATTEMPTS:
+                    raise SettlementAbandoned(f"{key}: no final answer after {settles} look-ups")
                 delay = delays[min(settles, len(delays) - 1)]
                 settles += 1
                 with contextlib.suppress(TimeoutError):

@@ -20,7 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from models.money import format_major
     from workflows import search_attributes as sa
     from workflows.schedule import due_at
-    from workflows.settle import PendingSettler
+    from workflows.settle import PendingSettler, SettlementAbandoned
     from workflows.types import BillingState, CycleResult, SubscriptionInput
 
 # A charge is retried with the same idempotency key until the carrier gives a final answer:
@@ -149,7 +149,14 @@ class SubscriptionWorkflow:
                 due_at=due,
                 description=f"{self._input.product_id} cycle {cycle}",
             )
-            result = await self._charge(charge, f"charge cycle {cycle} attempt {attempts}: {price}")
+            try:
+                result = await self._charge(charge,
+                                            f"charge cycle {cycle} attempt {attempts}: {price}")
+            except SettlementAbandoned:
+                # money may have moved: no retry, no failure count; reconciliation settles it
+                self._remember(CycleResult(cycle, due, "unsettled", attempts, None, None))
+                self._set_status(ACTIVE)
+                return
             last_code = result.carrier_code
             if result.outcome == "succeeded":
                 state.charges_succeeded += 1

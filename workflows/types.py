@@ -22,7 +22,7 @@ class Plan:
 class CycleResult:
     cycle: int
     due_at: datetime
-    outcome: str  # succeeded | failed | cancelled
+    outcome: str  # succeeded | failed | cancelled | unsettled (left to reconciliation)
     attempts: int
     carrier_reference: str | None = None
     carrier_code: str | None = None
