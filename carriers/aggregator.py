@@ -26,7 +26,7 @@ class JsonAggregatorAdapter(HttpAdapter):
         raise NotImplementedError
 
     def read_lookup(self, reply: HttpReply) -> OperationResult | None:
-        raise NotImplementedError
+        return None if reply.status_code == 404 else self.read_reply(reply)
 
     def charge_body(self, request: ChargeRequest) -> dict[str, Any]:
         raise NotImplementedError

@@ -66,10 +66,6 @@ def map_reply(reply: HttpReply) -> OperationResult:
     return outcome_of(body)
 
 
-def map_lookup(reply: HttpReply) -> OperationResult | None:
-    return None if reply.status_code == 404 else map_reply(reply)
-
-
 def parse_callback(body: bytes, headers: dict[str, str], secret: str,
                    _key: str | None = None) -> CarrierReport:
     """Verifies and reads one callback; raises CallbackRejected for anything not genuine."""
@@ -93,9 +89,6 @@ class CallbackAggregatorAdapter(JsonAggregatorAdapter):
 
     def read_reply(self, reply: HttpReply) -> OperationResult:
         return map_reply(reply)
-
-    def read_lookup(self, reply: HttpReply) -> OperationResult | None:
-        return map_lookup(reply)
 
     def __init__(self, transport: HttpTransport, callback_url: str) -> None:
         super().__init__(transport)

@@ -55,19 +55,12 @@ def map_status(reply: HttpReply) -> OperationResult:
     return OperationResult(outcome=Outcome.UNKNOWN, message=f"status {status!r}")
 
 
-def map_lookup(reply: HttpReply) -> OperationResult | None:
-    return None if reply.status_code == 404 else map_status(reply)
-
-
 class PollingAggregatorAdapter(JsonAggregatorAdapter):
     charge_path = "/charges"
     key_param = "merchant_tx_id"
 
     def read_reply(self, reply: HttpReply) -> OperationResult:
         return map_status(reply)
-
-    def read_lookup(self, reply: HttpReply) -> OperationResult | None:
-        return map_lookup(reply)
 
     def charge_body(self, request: ChargeRequest) -> dict[str, Any]:
         return {"merchant_tx_id": request.idempotency_key, "msisdn": request.msisdn,

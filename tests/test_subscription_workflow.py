@@ -17,7 +17,7 @@ from temporalio.testing import WorkflowEnvironment
 from carriers.loader import default_registry
 from carriers.numbers import sample_msisdn
 from models.tables import CarrierInteraction, LedgerEntry, Period, Subscription
-from starter import StartSubscriptionRequest, SubscriptionClient
+from starter import StartedSubscription, StartSubscriptionRequest, SubscriptionClient
 from tests.conftest import Simulator
 from workflows.subscription import SubscriptionWorkflow
 from workflows.types import BillingState
@@ -30,6 +30,23 @@ def monthly(msisdn: str, first: datetime, cycles_per_run: int = 24) -> StartSubs
         msisdn=msisdn, product_id="game-pass", amount_minor=499, currency="EUR",
         period=Period.MONTHLY, first_charge_at=first, cycles_per_run=cycles_per_run,
     )
+
+
+async def subscribe_on(client: SubscriptionClient, simulator: Simulator, carrier_id: str,
+                       seed: object, fault: str | None = None,
+                       first_charge_at: datetime | None = None) -> tuple[str, StartedSubscription]:
+    """A new subscriber on ``carrier_id`` (its first price point, a fault armed if given)."""
+    registry = default_registry()
+    carrier = registry.carriers[carrier_id]
+    msisdn = sample_msisdn(carrier, registry, random.Random(str(seed)))
+    if fault:
+        await simulator.fault(carrier_id, fault, msisdn)
+    price = carrier.price_points[0]
+    started = await client.start_subscription(StartSubscriptionRequest(
+        msisdn=msisdn, product_id=price.product, period=price.period,
+        amount_minor=registry.amount_minor(carrier_id, price),
+        currency=registry.currency_of(carrier_id), first_charge_at=first_charge_at))
+    return msisdn, started
 
 
 async def next_jan_31(env: WorkflowEnvironment) -> datetime:
@@ -214,13 +231,9 @@ async def test_pending_charges_are_settled_by_polling_on_durable_timers(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment,
 ) -> None:
-    registry = default_registry()
-    carrier = registry.carriers["it-pagamobile"]
-    msisdn = sample_msisdn(carrier, registry, random.Random(3))
     first = await next_jan_31(temporal_env)
-    started = await client.start_subscription(StartSubscriptionRequest(
-        msisdn=msisdn, product_id="game-pass", amount_minor=499, currency="EUR",
-        period=Period.MONTHLY, first_charge_at=first))
+    msisdn, started = await subscribe_on(client, simulator, "it-pagamobile", 3,
+                                         first_charge_at=first)
     handle = client.handle(started.subscription_id)
     await temporal_env.sleep(first + timedelta(days=40) - await temporal_env.get_current_time())
 
@@ -250,13 +263,8 @@ async def test_callback_carrier_charges_settle_once_whatever_the_callbacks_do(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, fault: str, settled_by: str,
 ) -> None:
-    registry = default_registry()
-    carrier = registry.carriers["es-cobromovil"]
-    msisdn = sample_msisdn(carrier, registry, random.Random(fault))
-    await simulator.fault(carrier.id, fault, msisdn)
-    started = await client.start_subscription(StartSubscriptionRequest(
-        msisdn=msisdn, product_id="game-pass", amount_minor=499, currency="EUR",
-        period=Period.MONTHLY))
+    carrier = default_registry().carriers["es-cobromovil"]
+    msisdn, started = await subscribe_on(client, simulator, carrier.id, fault, fault)
     handle = client.handle(started.subscription_id)
     # the charge is acknowledged at once; its result comes by callback, or not at all
     for _ in range(100):
@@ -284,13 +292,8 @@ async def test_premium_sms_charges_are_decided_by_delivery_receipts(
 ) -> None:
     """SMPP: the first receipt says REJECTD with the SMSC's out-of-credit code, so the cycle is
     retried on schedule; the retry's receipt says DELIVRD and the ledger takes the charge."""
-    registry = default_registry()
-    carrier = registry.carriers["pl-wisla"]
-    msisdn = sample_msisdn(carrier, registry, random.Random(77))
-    await simulator.fault(carrier.id, "insufficient_funds", msisdn)
-    started = await client.start_subscription(StartSubscriptionRequest(
-        msisdn=msisdn, product_id="game-pass", amount_minor=615, currency="PLN",
-        period=Period.WEEKLY))
+    carrier = default_registry().carriers["pl-wisla"]
+    msisdn, started = await subscribe_on(client, simulator, carrier.id, 77, "insufficient_funds")
     handle = client.handle(started.subscription_id)
 
     async def wait_for(condition: Callable[[BillingState], bool]) -> BillingState:
@@ -332,13 +335,8 @@ async def test_a_charge_the_carrier_never_settles_is_left_to_reconciliation(
     import workflows.settle
 
     monkeypatch.setattr(workflows.settle, "MAX_SETTLE_ATTEMPTS", 3)
-    registry = default_registry()
-    carrier = registry.carriers["ke-safari"]
-    msisdn = sample_msisdn(carrier, registry, random.Random(99))
-    await simulator.fault(carrier.id, "no_callback", msisdn)
-    started = await client.start_subscription(StartSubscriptionRequest(
-        msisdn=msisdn, product_id="game-pass", amount_minor=10000, currency="KES",
-        period=Period.WEEKLY))
+    carrier = default_registry().carriers["ke-safari"]
+    msisdn, started = await subscribe_on(client, simulator, carrier.id, 99, "no_callback")
     handle = client.handle(started.subscription_id)
     for _ in range(100):  # the submission is accepted; its receipt never comes
         if (await handle.query(SubscriptionWorkflow.state)).recent_cycles:
