@@ -32,6 +32,8 @@ from models.money import to_decimal
 EVENT_PREFIXES = ("org.camaraproject.carrier-billing.", "org.camaraproject.carrier-billing-refund.")
 PAGE_SIZE = 100
 MAX_PAGES = 20
+# how far back a look-up searches: a settlement happens within days of the request
+LOOKUP_WINDOW = timedelta(days=7)
 
 
 class PreparedPayment(BaseModel):
@@ -209,6 +211,7 @@ class CamaraAdapter(HttpAdapter):
                 "refundStatus")
         else:
             path, id_field, status_field = "/payments", "paymentId", "paymentStatus"
+        since = (datetime.now(UTC) - LOOKUP_WINDOW).isoformat()
         for page in range(1, MAX_PAGES + 1):
             items: list[dict[str, Any]] = []
 
@@ -221,9 +224,14 @@ class CamaraAdapter(HttpAdapter):
                 items.extend(x for x in body if isinstance(x, dict))
                 return None
 
+            params = {"page": str(page), "perPage": str(PAGE_SIZE)}
+            if request.operation == "charge":
+                # oldest first, from a bounded window: new payments land after what we read,
+                # so a page never shifts under us
+                params |= {"order": "asc", "paymentCreationDate.gte": since}
             failure = await self._transport.lookup(
                 operation="status", idempotency_key=request.idempotency_key, method="GET",
-                path=path, params={"page": str(page), "perPage": str(PAGE_SIZE)},
+                path=path, params=params,
                 headers={"x-correlator": request.idempotency_key}, mapper=mapper)
             if failure is not None:
                 return failure

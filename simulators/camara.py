@@ -234,7 +234,11 @@ class CamaraOperator:
     async def list_payments(self, request: web.Request) -> web.Response:
         carrier = self._authorised(request)
         page, per_page = int(request.query.get("page", "1")), int(request.query.get("perPage", "20"))
-        mine = [p for p in reversed(self.payments.values()) if p.carrier_id == carrier.carrier_id]
+        since = request.query.get("paymentCreationDate.gte", "")
+        mine = [p for p in self.payments.values()
+                if p.carrier_id == carrier.carrier_id and p.created >= since]
+        if request.query.get("order", "desc") == "desc":
+            mine.reverse()
         window = mine[(page - 1) * per_page: page * per_page]
         return web.json_response([p.view() | {"amountTransaction": self._public(p.transaction)}
                                   for p in window])
