@@ -3,16 +3,38 @@ charge and a refund collection, and a look-up of either by that key."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from carriers.base import (
     Capability,
     ChargeRequest,
     OperationResult,
+    Outcome,
     RefundRequest,
     StatusRequest,
 )
-from carriers.http import HttpAdapter, HttpReply
+from carriers.http import HttpAdapter, HttpReply, refusal
+
+
+def json_reply(reply: HttpReply, ok_statuses: tuple[int, ...]
+               ) -> dict[str, Any] | OperationResult:
+    """The reply's JSON object, or the outcome when there is none to read: busy or not
+    authorised (status alone), refused as invalid (nothing was done), or malformed."""
+    refused = refusal(reply)
+    if refused is not None:
+        return refused
+    if reply.status_code in (400, 404, 422):
+        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
+                               message=reply.text[:200])
+    try:
+        body = json.loads(reply.text)
+    except json.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict) or reply.status_code not in ok_statuses:
+        return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=str(reply.status_code),
+                               message=f"malformed response (HTTP {reply.status_code})")
+    return body
 
 
 class JsonAggregatorAdapter(HttpAdapter):

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from activities.messages import CarrierReport
-from carriers.aggregator import JsonAggregatorAdapter
+from carriers.aggregator import JsonAggregatorAdapter, json_reply
 from carriers.auth import callback_signature
 from carriers.base import (
     ChargeRequest,
@@ -21,7 +21,7 @@ from carriers.base import (
     Outcome,
     RefundRequest,
 )
-from carriers.http import HttpReply, HttpTransport, refusal
+from carriers.http import HttpReply, HttpTransport
 from models.money import format_major
 
 _FAILURES = {
@@ -50,20 +50,8 @@ def outcome_of(body: dict[str, Any]) -> OperationResult:
 
 
 def map_reply(reply: HttpReply) -> OperationResult:
-    refused = refusal(reply)
-    if refused is not None:
-        return refused
-    if reply.status_code in (400, 404, 422):  # refused as invalid: nothing was done
-        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
-                               message=reply.text[:200])
-    try:
-        body = json.loads(reply.text)
-    except json.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict) or reply.status_code not in (200, 202):
-        return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=str(reply.status_code),
-                               message=f"malformed response (HTTP {reply.status_code})")
-    return outcome_of(body)
+    body = json_reply(reply, (200, 202))
+    return body if isinstance(body, OperationResult) else outcome_of(body)
 
 
 def parse_callback(body: bytes, headers: dict[str, str], secret: str,

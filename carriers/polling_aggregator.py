@@ -7,17 +7,16 @@ and the same under /refunds.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from carriers.aggregator import JsonAggregatorAdapter
+from carriers.aggregator import JsonAggregatorAdapter, json_reply
 from carriers.base import (
     ChargeRequest,
     OperationResult,
     Outcome,
     RefundRequest,
 )
-from carriers.http import HttpReply, refusal
+from carriers.http import HttpReply
 from models.money import format_major
 
 _REASONS = {
@@ -30,19 +29,9 @@ _REASONS = {
 
 
 def map_status(reply: HttpReply) -> OperationResult:
-    refused = refusal(reply)
-    if refused is not None:
-        return refused
-    if reply.status_code in (400, 404, 422):  # refused as invalid: nothing was done
-        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
-                               message=reply.text[:200])
-    try:
-        body: Any = json.loads(reply.text)
-    except json.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict) or reply.status_code not in (200, 201, 202):
-        return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=str(reply.status_code),
-                               message=f"malformed response (HTTP {reply.status_code})")
+    body = json_reply(reply, (200, 201, 202))
+    if isinstance(body, OperationResult):
+        return body
     status, reference = body.get("status"), body.get("transaction_id")
     if status == "success" and reference:
         return OperationResult(outcome=Outcome.SUCCEEDED, carrier_reference=str(reference))
