@@ -10,7 +10,6 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from carriers.loader import Registry
-from models.money import from_decimal
 from models.tables import Carrier, Country, PricePoint, Product, ProductVariant
 
 CATALOG_FILE = Path(__file__).resolve().parent / "catalog.toml"
@@ -88,7 +87,7 @@ def seed_reference_data(engine: Engine, registry: Registry, catalog: Catalog | N
                         id=price.id,
                         product_id=price.product,
                         carrier_id=carrier.id,
-                        amount_minor=from_decimal(price.amount, currency),
+                        amount_minor=registry.amount_minor(carrier.id, price),
                         currency=currency,
                         period=price.period,
                         interval_seconds=price.interval_seconds,

@@ -36,7 +36,6 @@ def test_templates_follow_the_locale_and_currency() -> None:
 def test_every_premium_charge_notice_fits_one_segment() -> None:
     """Each segment sent from a premium short code is billed: a charge must be one segment."""
     from carriers.loader import default_registry
-    from models.money import from_decimal
 
     registry = default_registry()
     for carrier in registry.carriers.values():
@@ -46,5 +45,6 @@ def test_every_premium_charge_notice_fits_one_segment() -> None:
         for price in carrier.price_points:
             assert price.short_code is not None
             text = charge_notice(carrier.locale, "gem-pack cycle 9999",
-                                 from_decimal(price.amount, currency), currency, price.short_code)
+                                 registry.amount_minor(carrier.id, price), currency,
+                                 price.short_code)
             assert sms_encoding(text).segments == 1, (carrier.id, text)
