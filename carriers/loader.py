@@ -116,6 +116,19 @@ class SmppConfig(_Strict):
         return value
 
 
+class CarrierPromises(_Strict):
+    """What this carrier has documented about its own behaviour. Nothing is assumed: an entry
+    that declares nothing gets the conservative answer (no deduplication, no look-up), which
+    means an ambiguous charge is settled only by a pushed result or by reconciliation."""
+
+    # what a repeat of one of our idempotency keys does: "no" (it may debit again), "replay"
+    # (the first answer again, committed before the carrier replied), "error" (refused as a
+    # duplicate, without a debit)
+    deduplicates_by_key: Literal["no", "replay", "error"] = "no"
+    # whether the carrier answers a look-up of an earlier operation by our key
+    status_lookup: bool = False
+
+
 class CarrierConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     name: str
@@ -132,6 +145,7 @@ class CarrierConfig(_Strict):
     adapter: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
     # behaviours of this carrier's gateway the simulator reproduces (e.g. "faults-in-faultcode")
     quirks: list[str] = Field(default_factory=list)
+    promises: CarrierPromises = Field(default_factory=CarrierPromises)
     # how results arrive: in the response, by polling, or by a callback to us
     interaction: Literal["sync", "poll", "callback"] = "sync"
     # after a pending answer: waits, in seconds, between status look-ups (the last repeats);
