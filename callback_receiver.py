@@ -18,13 +18,13 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from activities.messages import CarrierReport
-from carriers.callback_aggregator import CallbackRejected
 from carriers.callback_aggregator import parse_callback as parse_aggregator_callback
 from carriers.camara import parse_event as parse_camara_event
 from carriers.http import InteractionRecord, InteractionSink
 from carriers.loader import Registry, default_registry
 from carriers.redaction import redact
 from carriers.relay import ReportRelay
+from carriers.reports import CallbackRejected
 from models.db import make_engine
 from models.interactions import InteractionStore
 from settings import Settings, get_settings

@@ -5,16 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from carriers.reports import CarrierReport
 
-@dataclass
-class CarrierReport:
-    """A result the carrier pushed to us (callback, delivery receipt), relayed by a signal."""
-
-    idempotency_key: str
-    outcome: str
-    carrier_reference: str | None = None
-    carrier_code: str | None = None
-    message: str = ""
+__all__ = ["CarrierReport"]
 
 
 @dataclass

@@ -66,6 +66,50 @@ class OperationResult(BaseModel):
     retry_after_seconds: float | None = None
 
 
+class Lookup(StrEnum):
+    # the carrier answered with its record of the operation (final or still pending)
+    FOUND = "found"
+    # the carrier answered that it has no record of our key
+    NOT_FOUND = "not_found"
+    # no usable answer: refused (401/403, a fault, a 4xx), unreadable, unreachable, or an
+    # answer we do not understand. It says nothing about the operation: it is unknown.
+    FAILED = "failed"
+
+
+class LookupResult(BaseModel):
+    """What a status look-up found. Only ``NOT_FOUND`` may ever lead to sending again, and
+    only to a carrier that has declared it deduplicates by our key."""
+
+    lookup: Lookup
+    # the operation's result as the carrier recorded it, when FOUND
+    found: OperationResult | None = None
+    carrier_code: str | None = None
+    message: str = ""
+    retry_after_seconds: float | None = None
+
+    @classmethod
+    def of(cls, result: OperationResult) -> LookupResult:
+        return cls(lookup=Lookup.FOUND, found=result, carrier_code=result.carrier_code,
+                   message=result.message)
+
+    @classmethod
+    def not_found(cls, message: str = "") -> LookupResult:
+        return cls(lookup=Lookup.NOT_FOUND, message=message)
+
+    @classmethod
+    def failed(cls, message: str, carrier_code: str | None = None,
+               retry_after_seconds: float | None = None) -> LookupResult:
+        return cls(lookup=Lookup.FAILED, message=message, carrier_code=carrier_code,
+                   retry_after_seconds=retry_after_seconds)
+
+    @classmethod
+    def failure_of(cls, result: OperationResult) -> LookupResult:
+        """A look-up request whose own answer was an error: the error is about the look-up,
+        never about the operation looked up."""
+        return cls.failed(f"look-up {result.outcome.value}: {result.message}".strip(),
+                          result.carrier_code, result.retry_after_seconds)
+
+
 class BalanceResult(BaseModel):
     """The subscriber's spendable balance, or why it could not be had."""
 
@@ -96,9 +140,10 @@ class CarrierAdapter(abc.ABC):
     async def refund(self, request: RefundRequest) -> OperationResult:
         raise UnsupportedOperation(self.carrier_id, Capability.REFUND)
 
-    async def status(self, request: StatusRequest) -> OperationResult | None:
-        """The final or pending result of the earlier operation, or None when the carrier has
-        no record of it (it never took effect, so sending it again is safe)."""
+    async def status(self, request: StatusRequest) -> LookupResult:
+        """The carrier's record of the earlier operation. Implementations never raise for a
+        carrier's answer: anything short of a clear record or a clear "no such key" is
+        ``Lookup.FAILED``."""
         raise UnsupportedOperation(self.carrier_id, Capability.STATUS)
 
     async def balance(self, msisdn: str, currency: str) -> BalanceResult:

@@ -12,7 +12,6 @@ import hmac
 import json
 from typing import Any
 
-from activities.messages import CarrierReport
 from carriers.aggregator import JsonAggregatorAdapter, json_reply
 from carriers.auth import callback_signature
 from carriers.base import (
@@ -22,6 +21,7 @@ from carriers.base import (
     RefundRequest,
 )
 from carriers.http import HttpReply, HttpTransport
+from carriers.reports import CallbackRejected, CarrierReport
 from models.money import format_major
 
 _FAILURES = {
@@ -32,8 +32,6 @@ _FAILURES = {
 }
 
 
-class CallbackRejected(ValueError):
-    pass
 
 
 def outcome_of(body: dict[str, Any]) -> OperationResult:

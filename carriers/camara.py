@@ -16,7 +16,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from activities.messages import CarrierReport
 from carriers.base import (
     Capability,
     ChargeRequest,
@@ -25,8 +24,8 @@ from carriers.base import (
     RefundRequest,
     StatusRequest,
 )
-from carriers.callback_aggregator import CallbackRejected
 from carriers.http import HttpAdapter, HttpReply, HttpTransport, refusal
+from carriers.reports import CallbackRejected, CarrierReport
 from models.money import to_decimal
 
 EVENT_PREFIXES = ("org.camaraproject.carrier-billing.", "org.camaraproject.carrier-billing-refund.")

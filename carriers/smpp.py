@@ -25,7 +25,6 @@ from aiosmpplib.hook import AbstractHook
 from aiosmpplib.protocol import BindTransceiverResp, DeliverSm, GenericNack, SmppMessage, SubmitSmResp
 from aiosmpplib.state import OptionalParam
 
-from activities.messages import CarrierReport
 from carriers.base import (
     Capability,
     CarrierAdapter,
@@ -37,6 +36,7 @@ from carriers.base import (
 from carriers.http import InteractionRecord, InteractionSink
 from carriers.loader import CarrierConfig
 from carriers.redaction import redact
+from carriers.reports import CarrierReport
 from carriers.sms_text import charge_notice, sms_encoding
 from models.money import to_decimal
 from models.smpp_store import SubmissionStore
