@@ -13,6 +13,7 @@ from simulators.books import InsufficientFunds, RefundRefused
 from simulators.core import (
     SimCarrier,
     SimulatorCore,
+    lookup_absent,
     lose_answer_after_debit,
     refuse_before_debit,
 )
@@ -69,11 +70,18 @@ class OneApiCarrier:
     async def lookup(self, request: web.Request) -> web.Response:
         """Status by clientCorrelator: how a client settles an operation it got no answer to."""
         carrier = self.core.carrier(request, PROTOCOL)
+        if not carrier.status_lookup:  # not every gateway has it (it is not in the spec)
+            return lookup_absent()
         if not self.core.http_auth_ok(request, carrier):
             return request_error(401, "policyException", "POL0001", "authentication failed")
+        fault = self.core.take_lookup_fault(carrier.carrier_id)
+        if fault is not None and fault.status == 401:
+            return request_error(401, "policyException", "POL0001", "authentication failed")
+        if fault is not None:
+            return request_error(fault.status or 500, "serviceException", "SVC0001",
+                                 "A service error occurred")
         msisdn = unquote(request.match_info["end_user"]).removeprefix("tel:")
-        txn = self.core.books[carrier.carrier_id].by_correlator.get(
-            request.query.get("clientCorrelator", ""))
+        txn = self.core.books[carrier.carrier_id].find(request.query.get("clientCorrelator", ""))
         if txn is None or txn.msisdn != msisdn:
             return request_error(404, "serviceException", "SVC0004", "no such transaction")
         return web.json_response({"amountTransaction": {
@@ -106,8 +114,12 @@ class OneApiCarrier:
                 and not metadata.get("serviceId")):
             return request_error(400, "serviceException", "SVC0002", "chargingMetaData.serviceId")
 
-        previous = book.by_correlator.get(correlator)
-        if previous is not None:  # a repeated correlator is answered with the original
+        previous = book.find(correlator)
+        if previous is not None and carrier.deduplicates_by_key == "error":
+            return request_error(409, "serviceException", "SVC0005",
+                                 f"duplicate clientCorrelator {correlator}")
+        if previous is not None and carrier.deduplicates_by_key == "replay":
+            # a repeated correlator is answered with the original
             if previous.msisdn != msisdn or previous.amount != amount:
                 return request_error(409, "serviceException", "SVC0005", "correlator reused")
             status = "Charged" if previous.kind == "charge" else "Refunded"
@@ -120,14 +132,18 @@ class OneApiCarrier:
             return refusal
         if fault is not None and fault.kind == "insufficient_funds":
             return request_error(400, "policyException", "POL1000", "insufficient credit")
+        if fault is not None and fault.kind == "fault_code_variant":
+            return request_error(fault.status or 400, "policyException", fault.code or "POL0001",
+                                 fault.text or "credit too low")
+        visible_at = fault.visible_at() if fault is not None else 0.0
 
         reference = str(txn_in.get("referenceCode", ""))
         try:
             if operation == "Charged":
-                txn = book.charge(msisdn, amount, correlator, reference)
+                txn = book.charge(msisdn, amount, correlator, reference, visible_at)
             elif operation == "Refunded":
                 txn = book.refund(msisdn, amount, correlator, reference,
-                                  str(txn_in.get("originalServerReferenceCode", "")))
+                                  str(txn_in.get("originalServerReferenceCode", "")), visible_at)
             else:
                 return request_error(400, "serviceException", "SVC0002",
                                      f"unsupported operation {operation}")

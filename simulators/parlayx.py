@@ -74,6 +74,14 @@ class ParlayXCarrier:
                     f"<text>{escape(text)}</text></ns1:{kind}></detail></soapenv:Fault>")
         return web.Response(status=500, text=envelope(body), content_type="text/xml")
 
+    @staticmethod
+    def unsupported(operation: str) -> web.Response:
+        """A plain SOAP fault, as a gateway's stack answers an operation it does not have."""
+        body = ("<soapenv:Fault><faultcode>soapenv:Client</faultcode>"
+                f"<faultstring>operation not supported: {escape(operation)}</faultstring>"
+                "</soapenv:Fault>")
+        return web.Response(status=500, text=envelope(body), content_type="text/xml")
+
     # -- authentication ------------------------------------------------------------------------
 
     @staticmethod
@@ -128,8 +136,15 @@ class ParlayXCarrier:
         msisdn = _text(document, "endUserIdentifier").removeprefix("tel:")
         reference = _text(document, "referenceCode")
         book = self.core.books[carrier.carrier_id]
-        if operation == "getAmountTransactionStatus":
-            txn = book.by_correlator.get(reference)
+        if operation == "getAmountTransactionStatus":  # our extension, not in TS 29.199-6
+            if not carrier.status_lookup:
+                return self.unsupported(operation)
+            lookup_fault = self.core.take_lookup_fault(carrier.carrier_id)
+            if lookup_fault is not None and lookup_fault.status == 401:
+                return self.fault(carrier, "PolicyException", "POL0001", "authentication failed")
+            if lookup_fault is not None:
+                return self.fault(carrier, "ServiceException", "SVC0001", "service error")
+            txn = book.find(reference)
             state = "NotFound" if txn is None or txn.msisdn != msisdn else (
                 "Charged" if txn.kind == "charge" else "Refunded")
             return web.Response(content_type="text/xml", text=envelope(
@@ -142,9 +157,12 @@ class ParlayXCarrier:
             return self.fault(carrier, "ServiceException", "SVC0002", "invalid amount")
         if currency != carrier.currency or amount <= 0 or not reference:
             return self.fault(carrier, "ServiceException", "SVC0002", "invalid input")
-        previous = book.by_correlator.get(reference)
-        if previous is not None:  # a repeated referenceCode is not applied twice
-            return self._done(operation)
+        previous = book.find(reference)
+        if previous is not None and carrier.deduplicates_by_key == "error":
+            return self.fault(carrier, "ServiceException", "SVC0005",
+                              f"duplicate correlator {reference}")
+        if previous is not None and carrier.deduplicates_by_key == "replay":
+            return self._done(operation)  # a repeated referenceCode is not applied twice
 
         fault = self.core.take_fault(carrier.carrier_id, msisdn)
         kind = fault.kind if fault else ""
@@ -155,12 +173,17 @@ class ParlayXCarrier:
             return refusal
         if kind == "insufficient_funds":
             return self.fault(carrier, "PolicyException", "POL1000", "insufficient credit")
+        if fault is not None and kind == "fault_code_variant":
+            return self.fault(carrier, "ServiceException", fault.code or "SVC0270",
+                              fault.text or "insufficient balance")
+        visible_at = fault.visible_at() if fault is not None else 0.0
         try:
             if operation == "chargeAmount":
-                book.charge(msisdn, amount, reference, reference)
+                book.charge(msisdn, amount, reference, reference, visible_at)
             elif operation == "refundAmount":
                 book.refund(msisdn, amount, reference, reference,
-                            self._original(book, _text(document, "originalReferenceCode")))
+                            self._original(book, _text(document, "originalReferenceCode")),
+                            visible_at)
             else:
                 return self.fault(carrier, "ServiceException", "SVC0001",
                                   f"unknown operation {operation}")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hmac
-import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 
 from aiohttp import web
@@ -16,6 +15,8 @@ from simulators.books import InsufficientFunds, RefundRefused
 from simulators.core import (
     SimCarrier,
     SimulatorCore,
+    TakenFault,
+    lookup_absent,
     lose_answer_after_debit,
     refuse_before_debit,
 )
@@ -34,21 +35,41 @@ class Operation:
     msisdn: str
     final_status: str  # what it becomes once processed: success | failed
     reason_code: str | None
-    ready_at: float
+    ready_at: float  # wall-clock time, so that it means the same after a restart
+    visible_at: float = 0.0  # before this, look-ups do not see it (commit_after_reply)
 
     def view(self) -> dict[str, object]:
-        processed = time.monotonic() >= self.ready_at
+        processed = time.time() >= self.ready_at
         return {"transaction_id": self.transaction_id, "merchant_tx_id": self.merchant_tx_id,
                 "status": self.final_status if processed else "pending",
                 "reason_code": self.reason_code if processed else None}
+
+    def visible(self) -> bool:
+        return time.time() >= self.visible_at
 
 
 class PollingAggregator:
     def __init__(self, core: SimulatorCore) -> None:
         self.core = core
         self.operations: dict[str, Operation] = {}
-        self.by_key: dict[tuple[str, str, str], str] = {}
-        self._ids = itertools.count(1)
+        self.by_key: dict[tuple[str, str, str], list[str]] = {}
+        core.reset_hooks.append(self._forget)
+        for record in core.records(PROTOCOL):
+            self._index(Operation(**record))
+
+    def _forget(self) -> None:
+        self.operations.clear()
+        self.by_key.clear()
+
+    def _index(self, operation: Operation) -> None:
+        self.operations[operation.transaction_id] = operation
+        self.by_key.setdefault((operation.carrier_id, operation.kind, operation.merchant_tx_id),
+                               []).append(operation.transaction_id)
+
+    def _find(self, carrier_id: str, kind: str, key: str) -> Operation | None:
+        """The first operation under this key that look-ups can see."""
+        return next((self.operations[t] for t in self.by_key.get((carrier_id, kind, key), ())
+                     if self.operations[t].visible()), None)
 
     def add_routes(self, app: web.Application) -> None:
         for kind in ("charges", "refunds"):
@@ -62,7 +83,10 @@ class PollingAggregator:
         timestamp = request.headers.get("X-Timestamp", "0")
         expected = hmac_signature(carrier.password, request.method, request.raw_path, timestamp,
                                   body)
-        fresh = abs(time.time() - float(timestamp or 0)) < MAX_CLOCK_SKEW_SECONDS
+        try:
+            fresh = abs(time.time() - float(timestamp or 0)) < MAX_CLOCK_SKEW_SECONDS
+        except ValueError:
+            fresh = False
         if not (fresh and request.headers.get("X-API-Key") == carrier.username
                 and hmac.compare_digest(expected, request.headers.get("X-Signature", ""))):
             raise web.HTTPUnauthorized(text=json.dumps({"error": "invalid_signature"}),
@@ -79,63 +103,88 @@ class PollingAggregator:
                 raise ValueError("amount or currency")
         except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
             return web.json_response({"error": "invalid_request", "message": str(exc)}, status=400)
-        existing = self.by_key.get((carrier.carrier_id, kind, key))
-        if existing is not None:
-            return web.json_response(self.operations[existing].view(), status=200)
+        existing = self._find(carrier.carrier_id, kind, key)
+        if existing is not None and carrier.deduplicates_by_key == "error":
+            return web.json_response({"error": "duplicate_merchant_tx_id",
+                                      "message": f"merchant_tx_id {key} already used"},
+                                     status=409)
+        if existing is not None and carrier.deduplicates_by_key == "replay":
+            return web.json_response(existing.view(), status=200)
 
         msisdn = str(body.get("msisdn", ""))
         if kind == "refund":
             original = self.operations.get(str(body.get("charge_transaction_id")))
             msisdn = original.msisdn if original else ""
         fault = self.core.take_fault(carrier.carrier_id, msisdn)
-        fault_kind = fault.kind if fault else ""
         refusal = await refuse_before_debit(fault,
                                             lambda: web.Response(status=202, text="accepted?"))
         if refusal is not None:
             return refusal
 
-        operation = self._process(carrier, kind, key, msisdn, amount, body,
-                                  force_insufficient=fault_kind == "insufficient_funds")
+        operation = self._process(carrier, kind, key, msisdn, amount, body, fault)
         await lose_answer_after_debit(request, fault)
         return web.json_response(operation.view(), status=202)
 
     def _process(self, carrier: SimCarrier, kind: str, key: str, msisdn: str, amount: Decimal,
-                 body: dict[str, object], force_insufficient: bool) -> Operation:
+                 body: dict[str, object], fault: TakenFault | None) -> Operation:
         book = self.core.books[carrier.carrier_id]
-        status, reason, reference = "success", None, f"{carrier.carrier_id}-pa-{next(self._ids):08d}"
-        try:
-            if force_insufficient:
-                raise InsufficientFunds()
-            if kind == "charge":
-                txn = book.charge(msisdn, amount, key, str(body.get("description", "")))
-            else:
-                original = self.operations.get(str(body.get("charge_transaction_id")))
-                if original is None:
-                    raise RefundRefused("unknown charge")
-                txn = book.refund(msisdn, amount, key, "refund", original.transaction_id)
-            reference = txn.server_reference
-        except InsufficientFunds:
-            status, reason = "failed", "INSUFFICIENT_FUNDS"
-        except RefundRefused:
-            status, reason = "failed", "REFUND_REFUSED"
-        operation = Operation(reference, carrier.carrier_id, kind, key, msisdn, status, reason,
-                              time.monotonic() + PROCESSING_SECONDS)
-        self.operations[reference] = operation
-        self.by_key[(carrier.carrier_id, kind, key)] = reference
+        fault_kind = fault.kind if fault else ""
+        visible_at = fault.visible_at() if fault else 0.0
+        with self.core.atomic():  # the debit and our record of it, in one commit
+            status, reason = "success", None
+            reference = f"{carrier.carrier_id}-pa-{self.core.next_id(PROTOCOL):08d}"
+            try:
+                if fault_kind == "insufficient_funds":
+                    raise InsufficientFunds()
+                if fault_kind == "fault_code_variant":
+                    status, reason = "failed", (fault.code if fault and fault.code
+                                                else "LOW_BALANCE")
+                elif kind == "charge":
+                    txn = book.charge(msisdn, amount, key, str(body.get("description", "")),
+                                      visible_at)
+                    reference = txn.server_reference
+                else:
+                    original = self.operations.get(str(body.get("charge_transaction_id")))
+                    if original is None:
+                        raise RefundRefused("unknown charge")
+                    txn = book.refund(msisdn, amount, key, "refund", original.transaction_id,
+                                      visible_at)
+                    reference = txn.server_reference
+            except InsufficientFunds:
+                status, reason = "failed", "INSUFFICIENT_FUNDS"
+            except RefundRefused:
+                status, reason = "failed", "REFUND_REFUSED"
+            operation = Operation(reference, carrier.carrier_id, kind, key, msisdn, status, reason,
+                                  time.time() + PROCESSING_SECONDS, visible_at)
+            self.core.save_record(PROTOCOL, reference, asdict(operation))
+        self._index(operation)
         return operation
+
+    def _lookup_refusal(self, carrier: SimCarrier) -> web.Response | None:
+        fault = self.core.take_lookup_fault(carrier.carrier_id)
+        if fault is None:
+            return None
+        if fault.status == 401:
+            return web.json_response({"error": "invalid_signature"}, status=401)
+        return web.json_response({"error": "internal_error"}, status=fault.status or 500)
 
     async def get(self, request: web.Request) -> web.Response:
         carrier, _ = await self._verified(request)
         operation = self.operations.get(request.match_info["transaction_id"])
-        if operation is None or operation.carrier_id != carrier.carrier_id:
+        if operation is None or operation.carrier_id != carrier.carrier_id or not operation.visible():
             return web.json_response({"error": "not_found"}, status=404)
         return web.json_response(operation.view())
 
     async def find(self, request: web.Request) -> web.Response:
+        carrier = self.core.carrier(request, PROTOCOL)
+        if not carrier.status_lookup:
+            return lookup_absent()
         carrier, _ = await self._verified(request)
+        refusal = self._lookup_refusal(carrier)
+        if refusal is not None:
+            return refusal
         kind = "charge" if request.path.endswith("/charges") else "refund"
-        reference = self.by_key.get((carrier.carrier_id, kind,
-                                     request.query.get("merchant_tx_id", "")))
-        if reference is None:
+        operation = self._find(carrier.carrier_id, kind, request.query.get("merchant_tx_id", ""))
+        if operation is None:
             return web.json_response({"error": "not_found"}, status=404)
-        return web.json_response(self.operations[reference].view())
+        return web.json_response(operation.view())

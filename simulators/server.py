@@ -1,6 +1,10 @@
 """All HTTP carrier simulators in one real server on 127.0.0.1, each carrier under /{carrier}/.
 
     python -m simulators.server --port 8701 [--chaos-rate 0.05] [--default-balance 100]
+                                [--state-dir DIR]
+
+With --state-dir the carriers keep their books (and each family's records) in a SQLite file
+there and find them again after a restart; without it they forget everything when stopped.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import asyncio
 import signal
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
@@ -44,7 +49,8 @@ def sim_carriers(registry: Registry, carrier_secrets: dict[str, str]) -> dict[st
         carriers[c.id] = SimCarrier(
             c.id, c.protocol, registry.currency_of(c.id), c.auth.username,
             carrier_secrets.get(c.auth.secret_ref, ""), c.auth.kind, frozenset(options),
-            carrier_secrets.get(c.auth.callback_secret_ref or "", ""))
+            carrier_secrets.get(c.auth.callback_secret_ref or "", ""),
+            c.promises.deduplicates_by_key, c.promises.status_lookup)
     return carriers
 
 
@@ -83,12 +89,16 @@ def main() -> None:
     parser.add_argument("--default-balance", default="100")
     parser.add_argument("--chaos-rate", type=float, default=0.0,
                         help="share of requests that meet a random fault")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="keep the books in a SQLite file in this directory across restarts")
     args = parser.parse_args()
     settings = get_settings()
     secrets = {k: v.get_secret_value() for k, v in settings.carrier_secrets.items()}
     registry = default_registry()
+    if args.state_dir is not None:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
     core = SimulatorCore(sim_carriers(registry, secrets), Decimal(args.default_balance),
-                         args.chaos_rate)
+                         args.chaos_rate, state_path=args.state_dir)
     asyncio.run(serve(core, Smsc(core, smsc_tariffs(registry)), args.host, args.port,
                       args.smpp_port))
 
@@ -103,6 +113,7 @@ async def serve(core: SimulatorCore, smsc: Smsc, host: str, port: int, smpp_port
     await stop.wait()
     await smsc.stop()
     await runner.cleanup()
+    core.close()
 
 
 if __name__ == "__main__":
