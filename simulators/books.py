@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from simulators.store import StateStore
 
@@ -175,7 +176,7 @@ class CarrierBook:
                 Transaction(self._next_reference(), correlator, msisdn, "refund", amount,
                             self.currency, reference, original, visible_at=visible_at))
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         now = time.time()
         return {
             "currency": self.currency,
