@@ -12,8 +12,10 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from aiohttp import web
+from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -23,10 +25,10 @@ from carriers.camara import parse_event as parse_camara_event
 from carriers.http import InteractionRecord, InteractionSink
 from carriers.loader import Registry, default_registry
 from carriers.redaction import redact
-from carriers.relay import ReportRelay
 from carriers.reports import CallbackRejected
 from models.db import make_engine
 from models.interactions import InteractionStore
+from report_relay import ReportRelay
 from settings import Settings, get_settings
 
 CallbackParser = Callable[[bytes, dict[str, str], str, str | None], CarrierReport]
@@ -40,11 +42,11 @@ log = logging.getLogger("callback_receiver")
 
 class CallbackReceiver:
     def __init__(self, client: Client, registry: Registry, settings: Settings,
-                 sink: InteractionSink) -> None:
+                 sink: InteractionSink, engine: Engine) -> None:
         self._registry = registry
         self._settings = settings
         self._sink = sink
-        self._relay = ReportRelay(client, sink)
+        self._relay = ReportRelay(client, engine, sink, settings.task_queue)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -77,6 +79,8 @@ class CallbackReceiver:
                 raise CallbackRejected("no callback secret configured")
             report = parser(body, headers, secret.get_secret_value(),
                             request.match_info.get("key"))
+            # authenticated with this carrier's own credential: it speaks for this carrier only
+            report = replace(report, carrier_id=carrier_id)
         except CallbackRejected as exc:
             await self._sink(self._record(carrier_id, "", request, body, 401, "rejected",
                                           started, str(exc)))
@@ -90,6 +94,8 @@ class CallbackReceiver:
             raise web.HTTPServiceUnavailable(text="try again later") from None
         if delivered == "unroutable":
             raise web.HTTPBadRequest(text="unknown order")
+        if delivered == "refused":
+            raise web.HTTPForbidden(text="not this carrier's operation")
         return web.json_response({"status": delivered})
 
 
@@ -97,7 +103,7 @@ async def run_receiver(settings: Settings) -> None:
     engine = make_engine(settings.database_url)
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     receiver = CallbackReceiver(client, default_registry(), settings,
-                                InteractionStore(engine).record)
+                                InteractionStore(engine).record, engine)
     runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", settings.callback_port).start()

@@ -17,6 +17,10 @@ class Settings(BaseSettings):
         env_prefix="CB_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
     )
 
+    # names this deployment inside every idempotency key we send: two environments on one
+    # merchant account (or a restored database) can never replay each other's keys
+    deployment_id: str = Field(default="dev", pattern=r"^[a-z0-9]{1,12}$")
+
     database_url: str = f"sqlite:///{PROJECT_ROOT / '.data' / 'billing.db'}"
 
     temporal_address: str = "127.0.0.1:7233"

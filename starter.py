@@ -21,7 +21,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.messages import RefundOutput
+from activities.messages import RefundOutput, key_prefix, refund_key
 from carriers.base import Capability
 from carriers.factory import adapter_class
 from carriers.loader import Registry, default_registry
@@ -79,6 +79,8 @@ class StartedSubscription(BaseModel):
     workflow_id: str
     carrier_id: str
     price_point_id: str
+    # every idempotency key sent for it starts with this: how to find its carrier records
+    key_prefix: str
 
 
 class SubscriptionView(BaseModel):
@@ -95,11 +97,13 @@ class SubscriptionView(BaseModel):
 
 
 class SubscriptionClient:
-    def __init__(self, client: Client, engine: Engine, registry: Registry, task_queue: str) -> None:
+    def __init__(self, client: Client, engine: Engine, registry: Registry, task_queue: str,
+                 deployment_id: str = "dev") -> None:
         self.client = client
         self.engine = engine
         self.registry = registry
         self.task_queue = task_queue
+        self.deployment_id = deployment_id
 
     @classmethod
     async def connect(cls, settings: Settings | None = None) -> SubscriptionClient:
@@ -108,7 +112,7 @@ class SubscriptionClient:
             settings.temporal_address, namespace=settings.temporal_namespace
         )
         return cls(client, make_engine(settings.database_url), default_registry(),
-                   settings.task_queue)
+                   settings.task_queue, settings.deployment_id)
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -181,6 +185,7 @@ class SubscriptionClient:
         msisdn, carrier, price = await asyncio.to_thread(self._validated, request)
         subscription = await asyncio.to_thread(self._insert, msisdn, carrier, price)
         assert subscription.id is not None
+        prefix = key_prefix(self.deployment_id, subscription.key_token)
         workflow_input = SubscriptionInput(
             subscription_id=subscription.id,
             subscriber_id=subscription.subscriber_id,
@@ -195,9 +200,11 @@ class SubscriptionClient:
                 retry_delays_seconds=price.retry_delays(),
                 interval_seconds=price.interval_seconds,
                 settle_delays_seconds=self.registry.carriers[carrier.id].settle_delays(),
+                settle_deadline_seconds=self.registry.carriers[carrier.id].settle_deadline_seconds,
             ),
             first_charge_at=request.first_charge_at,
             cycles_per_run=request.cycles_per_run,
+            key_prefix=prefix,
         )
         try:
             await self.client.start_workflow(
@@ -222,7 +229,8 @@ class SubscriptionClient:
             raise
         return StartedSubscription(subscription_id=subscription.id,
                                    workflow_id=subscription.workflow_id,
-                                   carrier_id=carrier.id, price_point_id=price.id)
+                                   carrier_id=carrier.id, price_point_id=price.id,
+                                   key_prefix=prefix)
 
     async def _workflow_exists(self, workflow_id: str) -> bool:
         try:
@@ -271,8 +279,9 @@ class SubscriptionClient:
             recent_cycles=[asdict(c) for c in state.recent_cycles],
         )
 
-    def _check_refundable(self, subscription_id: int, cycle: int) -> str:
-        """The carrier of the charge to refund, once it is known to be refundable."""
+    def _check_refundable(self, subscription_id: int, cycle: int) -> tuple[str, str]:
+        """The carrier of the charge to refund and the refund's key, once it is known to be
+        refundable."""
         with Session(self.engine) as session:
             charge = ledger.charge_for_cycle(session, subscription_id, cycle)
             if charge is None:
@@ -286,17 +295,21 @@ class SubscriptionClient:
                 raise SubscriptionRequestError(
                     f"cycle {cycle} of subscription {subscription_id} is already refunded"
                 )
-            return charge.carrier_id
+            subscription = session.get(Subscription, subscription_id)
+            assert subscription is not None
+            return charge.carrier_id, refund_key(
+                key_prefix(self.deployment_id, subscription.key_token), cycle)
 
     async def refund(
         self, subscription_id: int, cycle: int, reason: str = "customer refund"
     ) -> RefundOutput:
-        carrier_id = await asyncio.to_thread(self._check_refundable, subscription_id, cycle)
-        delays = self.registry.carriers[carrier_id].settle_delays()
+        carrier_id, key = await asyncio.to_thread(self._check_refundable, subscription_id, cycle)
+        carrier = self.registry.carriers[carrier_id]
         # the workflow id is the guard against two refunds racing for the same cycle
         return await self.client.execute_workflow(
             RefundWorkflow.run,
-            RefundRequestInput(subscription_id, cycle, reason, delays),
+            RefundRequestInput(subscription_id, cycle, reason, carrier.settle_delays(),
+                               carrier_id, key, carrier.settle_deadline_seconds),
             id=refund_workflow_id(subscription_id, cycle),
             task_queue=self.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -14,16 +14,17 @@ from temporalio.worker import Worker
 from activities.billing import BillingActivities
 from carriers.loader import Registry, default_registry
 from carriers.pool import AdapterPool
-from carriers.relay import ReportRelay
 from models.db import make_engine, migrate, setup_lock
 from models.interactions import InteractionStore
 from models.seed import seed_reference_data
 from models.smpp_store import SubmissionStore
+from report_relay import ReportRelay
 from settings import Settings, get_settings
+from workflows.late_settlement import LateSettlementWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.subscription import SubscriptionWorkflow
 
-WORKFLOWS = [SubscriptionWorkflow, RefundWorkflow]
+WORKFLOWS = [SubscriptionWorkflow, RefundWorkflow, LateSettlementWorkflow]
 
 
 def prepare_database(settings: Settings, registry: Registry) -> Engine:
@@ -38,14 +39,16 @@ def make_adapter_pool(registry: Registry, settings: Settings, engine: Engine,
                       client: Client) -> AdapterPool:
     """Adapters record interactions in the database; SMPP receipts are relayed as signals."""
     interactions = InteractionStore(engine).record
-    return AdapterPool(registry, settings, interactions, SubmissionStore(engine),
-                       ReportRelay(client, interactions).relay)
+    relay = ReportRelay(client, engine, interactions, settings.task_queue)
+    return AdapterPool(registry, settings, interactions, SubmissionStore(engine), relay.relay)
 
 
 def build_worker(
-    client: Client, settings: Settings, engine: Engine, adapters: AdapterPool
+    client: Client, settings: Settings, engine: Engine, adapters: AdapterPool,
+    registry: Registry | None = None,
 ) -> Worker:
-    activities = BillingActivities(engine, adapters)
+    activities = BillingActivities(engine, adapters, registry or default_registry(),
+                                   settings.deployment_id)
     return Worker(
         client,
         task_queue=settings.task_queue,
@@ -67,7 +70,7 @@ async def run_worker(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with build_worker(client, settings, engine, adapters):
+        async with build_worker(client, settings, engine, adapters, registry):
             logging.info("worker polling %s on %s", settings.task_queue, settings.temporal_address)
             await stop.wait()
             logging.info("worker stopping: finishing the tasks in hand")

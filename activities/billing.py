@@ -1,10 +1,19 @@
-"""Billing activities: thin wrappers that call a carrier adapter and write the ledger."""
+"""Billing activities: thin wrappers that call a carrier adapter and write the ledger.
+
+Every charge and refund is recorded (``CarrierOperation``) before its request leaves, so
+whether a call may send is decided by durable state, never by the activity's attempt number:
+an operation already sent is only ever settled (``activities/settlement.py``). Activities return
+every carrier answer to the workflow, which waits on durable timers between attempts; they
+raise only for faults of our own (database, configuration).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from datetime import timedelta
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -13,14 +22,18 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.messages import (
-    CarrierReport,
     ChargeInput,
     ChargeOutput,
+    LateSettlementInput,
+    LateSettlementOutput,
     RefundInput,
     RefundOutput,
     StatusInput,
+    UnsettledInput,
+    key_prefix,
     refund_key,
 )
+from activities.settlement import CarrierTerms, settle
 from carriers.base import (
     Capability,
     CarrierAdapter,
@@ -30,13 +43,27 @@ from carriers.base import (
     RefundRequest,
     StatusRequest,
 )
+from carriers.factory import CarrierConfigError
+from carriers.loader import Registry
 from carriers.pool import AdapterPool
+from carriers.reports import CarrierReport
 from models import ledger
-from models.tables import LedgerEntry, LedgerKind, Subscriber, Subscription, SubscriptionStatus
+from models import operations as ops
+from models.operations import OperationConflict, OperationSpec
+from models.tables import (
+    CarrierOperation,
+    LedgerEntry,
+    LedgerKind,
+    OperationState,
+    Subscriber,
+    Subscription,
+    SubscriptionStatus,
+)
 
-# outcomes that are retried by Temporal with the same idempotency key; PENDING goes back to the
-# workflow, which waits on a durable timer (or a callback) before settling
-_RETRY_SAME_KEY = {Outcome.TRANSIENT, Outcome.UNKNOWN}
+log = logging.getLogger(__name__)
+
+CREDENTIAL_CODES = {"401", "403", "AUTH"}
+_FINAL = {Outcome.SUCCEEDED, Outcome.INSUFFICIENT_FUNDS, Outcome.REJECTED}
 
 
 class NotRefundable(ApplicationError):
@@ -44,118 +71,207 @@ class NotRefundable(ApplicationError):
         super().__init__(message, type="NotRefundable", non_retryable=True)
 
 
-def _retry_same_key(result: OperationResult, operation: str) -> ApplicationError:
-    delay = result.retry_after_seconds
-    return ApplicationError(
-        f"{operation} {result.outcome.value}: {result.carrier_code or ''} {result.message}".strip(),
-        type=f"Carrier{result.outcome.value.title()}",
-        next_retry_delay=timedelta(seconds=delay) if delay else None,
-    )
+class ConfigurationError(ApplicationError):
+    """Our own mistake (unknown carrier, missing secret, a key reused, facts that contradict
+    the ledger): retrying cannot fix it, and an operator must look."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="ConfigurationError", non_retryable=True)
 
 
-_FINAL = {Outcome.SUCCEEDED, Outcome.INSUFFICIENT_FUNDS, Outcome.REJECTED}
+@contextmanager
+def _configuration_errors() -> Iterator[None]:
+    try:
+        yield
+    except (KeyError, CarrierConfigError, ledger.LedgerConflict, OperationConflict,
+            AssertionError) as exc:
+        raise ConfigurationError(f"{type(exc).__name__}: {exc}") from exc
 
 
-async def settle_or_send(
-    adapter: CarrierAdapter,
-    lookup: StatusRequest,
-    send: Callable[[], Awaitable[OperationResult]],
-    settling: bool,
-    reported: CarrierReport | None,
-) -> OperationResult:
-    """A final result the carrier pushed to us is taken as it is. Otherwise, when an earlier
-    answer was pending or lost (a retry), ask the carrier by idempotency key and send again only
-    if it has no record. A failed look-up is itself ambiguous, and is retried, never resent.
-    (An adapter without a status look-up must be one whose carrier replays a repeated key.)"""
-    usable = reported is not None and Outcome(reported.outcome) in _FINAL and (
-        reported.outcome != Outcome.SUCCEEDED or reported.carrier_reference)
-    if reported is not None and usable:  # (a success we cannot reference is looked up)
-        return OperationResult(outcome=Outcome(reported.outcome),
-                               carrier_reference=reported.carrier_reference,
-                               carrier_code=reported.carrier_code, message=reported.message)
-    if (settling or activity.info().attempt > 1) and adapter.supports(Capability.STATUS):
-        earlier = await adapter.status(lookup)
-        if earlier is not None:
-            return earlier
-    return await send()
+@dataclass(frozen=True)
+class _Context:
+    """What one call knows before talking to the carrier, read in one database session."""
+
+    msisdn: str
+    operation: CarrierOperation
+    may_send: bool
+    ledger_entry: LedgerEntry | None
+    original_reference: str | None = None
+
+
+def _reported(operation: CarrierOperation, relayed: CarrierReport | None) -> CarrierReport | None:
+    """The pushed result to settle by: the one relayed with this call, else the one stored."""
+    if relayed is not None and relayed.carrier_id in ("", operation.carrier_id):
+        return relayed
+    if operation.reported_outcome is None:
+        return None
+    return CarrierReport(idempotency_key=operation.idempotency_key,
+                         outcome=operation.reported_outcome,
+                         carrier_reference=operation.reported_reference,
+                         carrier_code=operation.reported_code, carrier_id=operation.carrier_id)
+
+
+def _credentials_refused(result: OperationResult) -> bool:
+    return result.outcome is Outcome.TRANSIENT and result.carrier_code in CREDENTIAL_CODES
 
 
 class BillingActivities:
-    def __init__(self, engine: Engine, adapters: AdapterPool) -> None:
+    def __init__(self, engine: Engine, adapters: AdapterPool, registry: Registry,
+                 deployment_id: str = "dev") -> None:
         self._engine = engine
         self._adapters = adapters
+        self._registry = registry
+        self._deployment_id = deployment_id
 
-    # -- database helpers, run in a thread so the event loop never blocks --------------------
+    # -- shared money path --------------------------------------------------------------------
 
-    def _msisdn(self, subscriber_id: int) -> str:
-        with Session(self._engine) as session:
-            subscriber = session.get(Subscriber, subscriber_id)
+    def _begin(self, spec: OperationSpec, subscriber_id: int | None) -> _Context:
+        with Session(self._engine, expire_on_commit=False) as session:
+            done = ledger.find_by_key(session, spec.idempotency_key)
+            subscription = session.get(Subscription, spec.subscription_id)
+            if subscription is None:
+                raise ConfigurationError(f"subscription {spec.subscription_id} does not exist")
+            subscriber = session.get(Subscriber, subscriber_id or subscription.subscriber_id)
             if subscriber is None:
-                raise ApplicationError(
-                    f"subscriber {subscriber_id} does not exist", non_retryable=True
-                )
-            return subscriber.msisdn
+                raise ConfigurationError(f"subscriber {subscriber_id} does not exist")
+            original = None
+            if spec.kind is LedgerKind.REFUND:
+                charge = ledger.charge_for_cycle(session, spec.subscription_id, spec.cycle)
+                original = charge.carrier_reference if charge else None
+            reservation = ops.reserve(session, spec)
+            return _Context(subscriber.msisdn, reservation.operation,
+                            reservation.may_send and done is None, done, original)
 
-    def _ledger_entry(self, key: str) -> LedgerEntry | None:
-        with Session(self._engine) as session:
-            return ledger.find_by_key(session, key)
+    def _terms(self, carrier_id: str, adapter: CarrierAdapter) -> CarrierTerms:
+        return CarrierTerms.of(adapter, self._registry.carriers[carrier_id].promises)
 
-    def _append(self, entry: LedgerEntry) -> LedgerEntry:
-        with Session(self._engine) as session:
-            return ledger.append(session, entry)
+    def _claim_resend(self, key: str) -> bool:
+        with Session(self._engine, expire_on_commit=False) as session:
+            # (unsettled: a refund asked for again after its settlement was abandoned)
+            return ops.claim_resend(session, key, (OperationState.SENDING,
+                                                   OperationState.PENDING,
+                                                   OperationState.UNSETTLED))
+
+    async def _resend_with(self, key: str, send: Callable[[], Awaitable[OperationResult]]
+                           ) -> OperationResult:
+        if not await asyncio.to_thread(self._claim_resend, key):
+            return OperationResult(outcome=Outcome.UNKNOWN,
+                                   message="another attempt holds this operation")
+        return await send()
+
+    def _conclude(self, operation: CarrierOperation, result: OperationResult,
+                  refunds_entry_id: int | None = None) -> None:
+        """Writes what the answer means: the ledger entry and the settled record for a final
+        answer; retryable after an outright refusal; pending otherwise."""
+        key = operation.idempotency_key
+        with Session(self._engine, expire_on_commit=False) as session:
+            if result.outcome is Outcome.SUCCEEDED:
+                if not result.carrier_reference:
+                    raise ConfigurationError(f"{key}: a success without the carrier's reference")
+                ledger.append(session, LedgerEntry(
+                    idempotency_key=key, kind=operation.kind,
+                    subscription_id=operation.subscription_id, cycle=operation.cycle,
+                    carrier_id=operation.carrier_id, amount_minor=operation.amount_minor,
+                    currency=operation.currency, carrier_reference=result.carrier_reference,
+                    refunds_entry_id=refunds_entry_id, due_at=operation.due_at))
+            if result.outcome in _FINAL:
+                ops.transition(session, key, OperationState.SETTLED,
+                               outcome=result.outcome.value,
+                               carrier_reference=result.carrier_reference,
+                               carrier_code=result.carrier_code, message=result.message[:500])
+            elif result.outcome is Outcome.TRANSIENT:
+                ops.transition(session, key, OperationState.RETRYABLE,
+                               allowed_from=(OperationState.SENDING,),
+                               carrier_code=result.carrier_code, message=result.message[:500])
+            else:
+                ops.transition(session, key, OperationState.PENDING,
+                               allowed_from=(OperationState.SENDING,),
+                               carrier_code=result.carrier_code, message=result.message[:500])
+
+    def _settled_answer(self, operation: CarrierOperation, entry: LedgerEntry | None
+                        ) -> OperationResult | None:
+        """The answer an earlier attempt already got and wrote, if any."""
+        if entry is not None:
+            if operation.state != OperationState.SETTLED:
+                with Session(self._engine, expire_on_commit=False) as session:
+                    ops.transition(session, entry.idempotency_key, OperationState.SETTLED,
+                                   outcome=Outcome.SUCCEEDED.value,
+                                   carrier_reference=entry.carrier_reference)
+            return OperationResult(outcome=Outcome.SUCCEEDED,
+                                   carrier_reference=entry.carrier_reference)
+        if operation.state == OperationState.SETTLED and operation.outcome is not None:
+            return OperationResult(outcome=Outcome(operation.outcome),
+                                   carrier_reference=operation.carrier_reference,
+                                   carrier_code=operation.carrier_code, message=operation.message)
+        return None
+
+    def _report_credentials(self, carrier_id: str, result: OperationResult) -> None:
+        log.error("carrier %s refused our credentials (%s): rotate or fix them; charges wait",
+                  carrier_id, result.carrier_code)
+        with _suppress_outside_activity():
+            activity.metric_meter().create_counter(
+                "carrier_credentials_rejected", "carrier answers refusing our credentials",
+            ).add(1, {"carrier": carrier_id})
+
+    async def _run(self, spec: OperationSpec, subscriber_id: int | None,
+                   send: Callable[[str, str | None], Awaitable[OperationResult]],
+                   reported: CarrierReport | None, may_send: bool = True
+                   ) -> tuple[OperationResult, CarrierOperation, str | None]:
+        with _configuration_errors():
+            context = await asyncio.to_thread(self._begin, spec, subscriber_id)
+            operation = context.operation
+            earlier = self._settled_answer(operation, context.ledger_entry)
+            if earlier is not None:
+                return earlier, operation, context.original_reference
+            adapter = self._adapters.get(spec.carrier_id)
+            msisdn, original = context.msisdn, context.original_reference
+            if context.may_send and may_send:
+                result = await send(msisdn, original)
+            else:
+                lookup = StatusRequest(
+                    idempotency_key=spec.idempotency_key, msisdn=msisdn,
+                    operation=spec.kind.value,
+                    original_carrier_reference=original, sent_at=operation.created_at)
+                resend = (lambda: self._resend_with(spec.idempotency_key,
+                                                    lambda: send(msisdn, original))
+                          ) if may_send else None
+                result = await settle(adapter, self._terms(spec.carrier_id, adapter), lookup,
+                                      _reported(operation, reported), resend)
+            if _credentials_refused(result):
+                self._report_credentials(spec.carrier_id, result)
+            return result, operation, original
 
     # -- activities ---------------------------------------------------------------------------
 
     @activity.defn(name="charge_subscription")
     async def charge_subscription(self, charge: ChargeInput) -> ChargeOutput:
-        # An earlier attempt may have debited and committed, then lost its completion.
-        done = await asyncio.to_thread(self._ledger_entry, charge.idempotency_key)
-        if done is not None:
-            return ChargeOutput(Outcome.SUCCEEDED.value, done.carrier_reference)
-        msisdn = await asyncio.to_thread(self._msisdn, charge.subscriber_id)
-        adapter = self._adapters.get(charge.carrier_id)
-        request = ChargeRequest(
-            idempotency_key=charge.idempotency_key,
-            msisdn=msisdn,
-            amount_minor=charge.amount_minor,
-            currency=charge.currency,
-            description=charge.description,
-            reference_code=f"S{charge.subscription_id}C{charge.cycle}",
-        )
-        result = await settle_or_send(
-            adapter, StatusRequest(idempotency_key=request.idempotency_key, msisdn=msisdn,
-                                   operation="charge"),
-            lambda: adapter.charge(request), charge.settling, charge.reported,
-        )
-        if result.outcome in _RETRY_SAME_KEY:
-            raise _retry_same_key(result, "charge")
-        if result.outcome is Outcome.SUCCEEDED:
-            assert result.carrier_reference is not None
-            await asyncio.to_thread(
-                self._append,
-                LedgerEntry(
-                    idempotency_key=charge.idempotency_key,
-                    kind=LedgerKind.CHARGE,
-                    subscription_id=charge.subscription_id,
-                    cycle=charge.cycle,
-                    carrier_id=charge.carrier_id,
-                    amount_minor=charge.amount_minor,
-                    currency=charge.currency,
-                    carrier_reference=result.carrier_reference,
-                    due_at=charge.due_at,
-                ),
-            )
+        spec = OperationSpec(
+            idempotency_key=charge.idempotency_key, kind=LedgerKind.CHARGE,
+            carrier_id=charge.carrier_id, workflow_id=_workflow_id(),
+            subscription_id=charge.subscription_id, cycle=charge.cycle,
+            amount_minor=charge.amount_minor, currency=charge.currency, due_at=charge.due_at)
+
+        async def send(msisdn: str, _original: str | None) -> OperationResult:
+            adapter = self._adapters.get(charge.carrier_id)
+            return await adapter.charge(ChargeRequest(
+                idempotency_key=charge.idempotency_key, msisdn=msisdn,
+                amount_minor=charge.amount_minor, currency=charge.currency,
+                description=charge.description,
+                reference_code=f"S{charge.subscription_id}C{charge.cycle}"))
+
+        result, operation, _ = await self._run(spec, charge.subscriber_id, send, charge.reported)
+        with _configuration_errors():
+            await asyncio.to_thread(self._conclude, operation, result)
         return ChargeOutput(
-            result.outcome.value, result.carrier_reference, result.carrier_code, result.message
-        )
+            result.outcome.value, result.carrier_reference, result.carrier_code, result.message,
+            result.retry_after_seconds,
+            "credentials_rejected" if _credentials_refused(result) else None)
 
     def _write_status(self, change: StatusInput) -> None:
-        with Session(self._engine) as session:
+        with Session(self._engine, expire_on_commit=False) as session:
             subscription = session.get(Subscription, change.subscription_id)
             if subscription is None:
-                raise ApplicationError(
-                    f"subscription {change.subscription_id} does not exist", non_retryable=True
-                )
+                raise ConfigurationError(f"subscription {change.subscription_id} does not exist")
             subscription.status = SubscriptionStatus(change.status)
             if change.status in (SubscriptionStatus.CANCELLED, SubscriptionStatus.COMPLETED):
                 subscription.ended_at = change.at
@@ -167,22 +283,22 @@ class BillingActivities:
         await asyncio.to_thread(self._write_status, change)
 
     def _refund_target(self, request: RefundInput) -> tuple[LedgerEntry, str, LedgerEntry | None]:
-        with Session(self._engine) as session:
+        with Session(self._engine, expire_on_commit=False) as session:
             charge = ledger.charge_for_cycle(session, request.subscription_id, request.cycle)
             if charge is None:
                 raise NotRefundable(
                     f"subscription {request.subscription_id} has no charge for cycle {request.cycle}"
                 )
             subscription = session.get(Subscription, request.subscription_id)
-            assert subscription is not None
-            subscriber = session.get(Subscriber, subscription.subscriber_id)
-            assert subscriber is not None
-            return charge, subscriber.msisdn, ledger.refund_of(session, charge)
+            if subscription is None:
+                raise ConfigurationError(f"subscription {request.subscription_id} does not exist")
+            key = request.idempotency_key or refund_key(
+                key_prefix(self._deployment_id, subscription.key_token), request.cycle)
+            return charge, key, ledger.refund_of(session, charge)
 
     @activity.defn(name="refund_charge")
     async def refund_charge(self, request: RefundInput) -> RefundOutput:
-        charge, msisdn, already = await asyncio.to_thread(self._refund_target, request)
-        key = refund_key(request.subscription_id, request.cycle)
+        charge, key, already = await asyncio.to_thread(self._refund_target, request)
         if already is not None:
             if already.idempotency_key != key:
                 raise NotRefundable(f"charge {charge.idempotency_key} was already refunded")
@@ -193,43 +309,100 @@ class BillingActivities:
         adapter = self._adapters.get(charge.carrier_id)
         if not adapter.supports(Capability.REFUND):
             raise NotRefundable(f"{charge.carrier_id} offers no refunds")
-        refund = RefundRequest(
-            idempotency_key=key,
-            msisdn=msisdn,
-            amount_minor=charge.amount_minor,
-            currency=charge.currency,
-            description=request.reason,
-            reference_code=f"R{request.subscription_id}C{request.cycle}",
-            original_carrier_reference=charge.carrier_reference,
-        )
-        result = await settle_or_send(
-            adapter, StatusRequest(idempotency_key=key, msisdn=msisdn, operation="refund",
-                                   original_carrier_reference=charge.carrier_reference),
-            lambda: adapter.refund(refund), request.settling, request.reported,
-        )
-        if result.outcome in _RETRY_SAME_KEY:
-            raise _retry_same_key(result, "refund")
-        if result.outcome is Outcome.SUCCEEDED:
-            assert result.carrier_reference is not None
-            await asyncio.to_thread(
-                self._append,
-                LedgerEntry(
-                    idempotency_key=key,
-                    kind=LedgerKind.REFUND,
-                    subscription_id=charge.subscription_id,
-                    cycle=charge.cycle,
-                    carrier_id=charge.carrier_id,
-                    amount_minor=charge.amount_minor,
-                    currency=charge.currency,
-                    carrier_reference=result.carrier_reference,
-                    refunds_entry_id=charge.id,
-                    due_at=charge.due_at,
-                ),
-            )
+        spec = OperationSpec(
+            idempotency_key=key, kind=LedgerKind.REFUND, carrier_id=charge.carrier_id,
+            workflow_id=_workflow_id(), subscription_id=charge.subscription_id,
+            cycle=charge.cycle, amount_minor=charge.amount_minor, currency=charge.currency,
+            due_at=charge.due_at)
+
+        async def send(msisdn: str, _original: str | None) -> OperationResult:
+            return await adapter.refund(RefundRequest(
+                idempotency_key=key, msisdn=msisdn, amount_minor=charge.amount_minor,
+                currency=charge.currency, description=request.reason,
+                reference_code=f"R{request.subscription_id}C{request.cycle}",
+                original_carrier_reference=charge.carrier_reference))
+
+        result, operation, _ = await self._run(spec, None, send, request.reported)
+        with _configuration_errors():
+            await asyncio.to_thread(self._conclude, operation, result, charge.id)
         return RefundOutput(
             result.outcome.value, charge.amount_minor, charge.currency,
             result.carrier_reference, result.carrier_code, result.message,
-        )
+            result.retry_after_seconds,
+            "credentials_rejected" if _credentials_refused(result) else None)
+
+    # -- operations left unsettled ------------------------------------------------------------
+
+    def _mark_unsettled(self, request: UnsettledInput) -> None:
+        with Session(self._engine, expire_on_commit=False) as session:
+            ops.transition(session, request.idempotency_key, OperationState.UNSETTLED,
+                           allowed_from=(OperationState.SENDING, OperationState.PENDING),
+                           unsettled_reason=request.reason[:500])
+
+    @activity.defn(name="record_unsettled_operation")
+    async def record_unsettled_operation(self, request: UnsettledInput) -> None:
+        """The operation may have moved money and has no final answer: list it for operators
+        and for the late results and reconciliation that will settle it."""
+        await asyncio.to_thread(self._mark_unsettled, request)
+
+    def _load(self, key: str) -> CarrierOperation:
+        with Session(self._engine, expire_on_commit=False) as session:
+            operation = ops.find(session, key)
+            if operation is None:
+                raise ConfigurationError(f"no operation with key {key}")
+            return operation
+
+    @activity.defn(name="settle_unsettled_operation")
+    async def settle_unsettled_operation(self, request: LateSettlementInput
+                                         ) -> LateSettlementOutput:
+        """Settles a listed operation by a late pushed result or a look-up. Never sends."""
+        operation = await asyncio.to_thread(self._load, request.idempotency_key)
+        if operation.state not in (OperationState.UNSETTLED, OperationState.SETTLED):
+            return LateSettlementOutput(operation.idempotency_key, operation.state.value,
+                                        message="its workflow is still settling it")
+        spec = OperationSpec(
+            idempotency_key=operation.idempotency_key, kind=LedgerKind(operation.kind),
+            carrier_id=operation.carrier_id, workflow_id=operation.workflow_id,
+            subscription_id=operation.subscription_id, cycle=operation.cycle,
+            amount_minor=operation.amount_minor, currency=operation.currency,
+            due_at=operation.due_at)
+
+        async def never(_msisdn: str, _original: str | None) -> OperationResult:
+            raise ConfigurationError("a late settlement never sends")
+
+        result, operation, _ = await self._run(spec, None, never, request.reported,
+                                               may_send=False)
+        if result.outcome in _FINAL:
+            refunds_entry_id = None
+            if operation.kind == LedgerKind.REFUND:
+                refunds_entry_id = await asyncio.to_thread(self._charge_entry_id, operation)
+            with _configuration_errors():
+                await asyncio.to_thread(self._conclude, operation, result, refunds_entry_id)
+        settled = await asyncio.to_thread(self._load, request.idempotency_key)
+        return LateSettlementOutput(settled.idempotency_key, settled.state.value,
+                                    settled.outcome, settled.carrier_reference, result.message,
+                                    settled.workflow_id)
+
+    def _charge_entry_id(self, operation: CarrierOperation) -> int | None:
+        with Session(self._engine, expire_on_commit=False) as session:
+            charge = ledger.charge_for_cycle(session, operation.subscription_id, operation.cycle)
+            return charge.id if charge else None
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.charge_subscription, self.record_subscription_status, self.refund_charge]
+        return [self.charge_subscription, self.record_subscription_status, self.refund_charge,
+                self.record_unsettled_operation, self.settle_unsettled_operation]
+
+
+def _workflow_id() -> str:
+    workflow_id = activity.info().workflow_id
+    if not workflow_id:
+        raise ConfigurationError("billing activities run only for a workflow")
+    return workflow_id
+
+
+@contextmanager
+def _suppress_outside_activity() -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError:  # not in an activity (direct calls in tests)
+        pass

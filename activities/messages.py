@@ -23,18 +23,23 @@ class ChargeInput:
     currency: str
     due_at: datetime
     description: str
-    # set when an earlier answer was pending: settle by report or status look-up, then resend
-    # only if the carrier has no record of the key
+    # (kept for histories recorded before the operation record decided this)
     settling: bool = False
+    # a result the carrier pushed, relayed by signal (the operation record keeps it too)
     reported: CarrierReport | None = None
 
 
 @dataclass
 class ChargeOutput:
+    # succeeded | insufficient_funds | rejected: final; transient: nothing happened, may be
+    # sent again later; pending | unknown: may have debited, to be settled
     outcome: str
     carrier_reference: str | None = None
     carrier_code: str | None = None
     message: str = ""
+    retry_after_seconds: float | None = None
+    # something operators must fix, not the subscriber: "credentials_rejected"
+    issue: str | None = None
 
 
 @dataclass
@@ -51,6 +56,8 @@ class RefundInput:
     reason: str
     settling: bool = False
     reported: CarrierReport | None = None
+    # the refund's idempotency key (from the subscription's key prefix)
+    idempotency_key: str | None = None
 
 
 @dataclass
@@ -61,21 +68,45 @@ class RefundOutput:
     carrier_reference: str | None = None
     carrier_code: str | None = None
     message: str = ""
+    retry_after_seconds: float | None = None
+    issue: str | None = None
 
 
-def charge_key(subscription_id: int, cycle: int, attempt_slot: int) -> str:
-    return f"sub-{subscription_id}-c{cycle}-a{attempt_slot}"
+@dataclass
+class UnsettledInput:
+    idempotency_key: str
+    reason: str
 
 
-def refund_key(subscription_id: int, cycle: int) -> str:
-    return f"refund-sub-{subscription_id}-c{cycle}"
+@dataclass
+class LateSettlementInput:
+    """Settles an operation its workflow left unsettled, from a late pushed result or a
+    look-up; never sends anything."""
+
+    idempotency_key: str
+    reported: CarrierReport | None = None
 
 
-def workflow_id_for_key(idempotency_key: str) -> str | None:
-    """The workflow waiting on an operation, from the key it sent: how callbacks find it."""
-    parts = idempotency_key.split("-")
-    if idempotency_key.startswith("sub-") and len(parts) == 4 and parts[1].isdigit():
-        return f"subscription-{parts[1]}"
-    if idempotency_key.startswith("refund-sub-") and len(parts) == 4 and parts[2].isdigit():
-        return f"refund-subscription-{parts[2]}-cycle-{parts[3].removeprefix('c')}"
-    return None
+@dataclass
+class LateSettlementOutput:
+    idempotency_key: str
+    state: str
+    outcome: str | None = None
+    carrier_reference: str | None = None
+    message: str = ""
+    # the workflow that left it unsettled, told when it is settled
+    workflow_id: str | None = None
+
+
+def key_prefix(deployment_id: str, key_token: str) -> str:
+    """Keys are ``<deployment>-<subscription token>-...``: unique across databases, restores and
+    environments that share one merchant account at a carrier."""
+    return f"{deployment_id}-{key_token}"
+
+
+def charge_key(prefix: str, cycle: int, attempt_slot: int) -> str:
+    return f"{prefix}-c{cycle}-a{attempt_slot}"
+
+
+def refund_key(prefix: str, cycle: int) -> str:
+    return f"{prefix}-r{cycle}"

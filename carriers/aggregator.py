@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from carriers.base import (
     Capability,
     ChargeRequest,
+    LookupResult,
     OperationResult,
     Outcome,
     RefundRequest,
@@ -43,12 +44,29 @@ class JsonAggregatorAdapter(HttpAdapter):
     refund_path: ClassVar[str] = "/refunds"
     # the query parameter the aggregator finds our key by
     key_param: ClassVar[str]
+    # the "error" a 404 look-up answer carries when the key is unknown
+    not_found_error: ClassVar[str] = "not_found"
 
     def read_reply(self, reply: HttpReply) -> OperationResult:
         raise NotImplementedError
 
-    def read_lookup(self, reply: HttpReply) -> OperationResult | None:
-        return None if reply.status_code == 404 else self.read_reply(reply)
+    def read_lookup(self, reply: HttpReply) -> LookupResult:
+        """A record read with 200, or "no such key" said as a 404 with the aggregator's JSON
+        error body; anything else is no answer."""
+        if reply.status_code == 404:
+            try:
+                body = json.loads(reply.text)
+            except json.JSONDecodeError:
+                body = None
+            if isinstance(body, dict) and body.get("error") == self.not_found_error:
+                return LookupResult.not_found(str(body.get("error")))
+            return LookupResult.failed("HTTP 404 without the aggregator's not-found body", "404")
+        if reply.status_code != 200:
+            return LookupResult.failure_of(self.read_reply(reply))
+        result = self.read_reply(reply)
+        if result.outcome in (Outcome.UNKNOWN, Outcome.TRANSIENT):
+            return LookupResult.failure_of(result)
+        return LookupResult.of(result)
 
     def charge_body(self, request: ChargeRequest) -> dict[str, Any]:
         raise NotImplementedError
@@ -70,7 +88,7 @@ class JsonAggregatorAdapter(HttpAdapter):
         return await self._post("refund", request.idempotency_key, self.refund_path,
                                 self.refund_body(request))
 
-    async def status(self, request: StatusRequest) -> OperationResult | None:
+    async def status(self, request: StatusRequest) -> LookupResult:
         path = self.charge_path if request.operation == "charge" else self.refund_path
         return await self._transport.lookup(
             operation="status", idempotency_key=request.idempotency_key, method="GET",

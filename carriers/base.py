@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
@@ -56,6 +57,8 @@ class StatusRequest(BaseModel):
     operation: Literal["charge", "refund"]
     # refunds: the carrier's reference of the charge refunded (some APIs file refunds under it)
     original_carrier_reference: str | None = None
+    # when we first sent it: carriers searched by date look near it
+    sent_at: datetime | None = None
 
 
 class OperationResult(BaseModel):
@@ -133,6 +136,9 @@ class CarrierAdapter(abc.ABC):
     gives_retry_after: bool = True
     # whether status() asks the carrier; SMPP's answers from the receipts received so far
     status_asks_carrier: bool = True
+    # whether the adapter itself refuses to send a key twice (SMPP's submission store), so a
+    # repeat is answered from its own record whatever the carrier promises
+    deduplicates_locally: bool = False
 
     @abc.abstractmethod
     async def charge(self, request: ChargeRequest) -> OperationResult: ...

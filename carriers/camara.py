@@ -9,6 +9,7 @@ resend blindly: the activity looks the payment up (``retrievePayments``) before 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from datetime import UTC, datetime, timedelta
@@ -19,12 +20,15 @@ from pydantic import BaseModel
 from carriers.base import (
     Capability,
     ChargeRequest,
+    Lookup,
+    LookupResult,
     OperationResult,
     Outcome,
     RefundRequest,
     StatusRequest,
 )
 from carriers.http import HttpAdapter, HttpReply, HttpTransport, refusal
+from carriers.redaction import redact
 from carriers.reports import CallbackRejected, CarrierReport
 from models.money import to_decimal
 
@@ -32,7 +36,10 @@ EVENT_PREFIXES = ("org.camaraproject.carrier-billing.", "org.camaraproject.carri
 PAGE_SIZE = 100
 MAX_PAGES = 20
 # how far back a look-up searches: a settlement happens within days of the request
-LOOKUP_WINDOW = timedelta(days=7)
+# a payment is created at the carrier when our request reaches it: search from a little before
+# we first sent it (clocks differ) to a day after (retries of the same request)
+LOOKUP_MARGIN = timedelta(minutes=10)
+LOOKUP_WINDOW = timedelta(days=1)
 
 
 class PreparedPayment(BaseModel):
@@ -49,6 +56,8 @@ def _denial_outcome(reason: str) -> Outcome:
 
 
 def outcome_of(status: str | None, reference: str | None, reason: str = "") -> OperationResult:
+    # the carrier's words reach workflow histories: masked here, whichever way they came
+    reason = redact(reason)
     if status == "succeeded" and reference:
         return OperationResult(outcome=Outcome.SUCCEEDED, carrier_reference=reference)
     if status in ("processing", "pending_validation", "reserved") and reference:
@@ -56,12 +65,12 @@ def outcome_of(status: str | None, reference: str | None, reason: str = "") -> O
     if status in ("denied", "cancelled"):
         return OperationResult(outcome=_denial_outcome(reason), carrier_code=status,
                                message=reason)
-    return OperationResult(outcome=Outcome.UNKNOWN, message=f"status {status!r}")
+    return OperationResult(outcome=Outcome.UNKNOWN, message=redact(f"status {status!r}"))
 
 
 def _error(reply: HttpReply, body: Any) -> OperationResult:
     code = str(body.get("code", "")) if isinstance(body, dict) else ""
-    message = str(body.get("message", "")) if isinstance(body, dict) else ""
+    message = redact(str(body.get("message", ""))) if isinstance(body, dict) else ""
     if code == "CARRIER_BILLING.PAYMENT_DENIED":
         return OperationResult(outcome=_denial_outcome(message), carrier_code=code,
                                message=message)
@@ -95,10 +104,17 @@ def map_created(reply: HttpReply, id_field: str, status_field: str) -> Operation
     return outcome_of(body.get(status_field), body.get(id_field))
 
 
+def sink_token(secret: str, key: str) -> str:
+    """The sink credential of one operation: valid for events about that operation only, so
+    a credential seen on one payment cannot settle another."""
+    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
 def parse_event(body: bytes, headers: dict[str, str], secret: str,
                 key: str | None) -> CarrierReport:
     """A CloudEvent delivered to our sink; the sink URL carries the idempotency key."""
-    if not key or not hmac.compare_digest(headers.get("authorization", ""), f"Bearer {secret}"):
+    if not key or not hmac.compare_digest(headers.get("authorization", ""),
+                                          f"Bearer {sink_token(secret, key)}"):
         raise CallbackRejected("bad sink credential")
     try:
         event = json.loads(body)
@@ -128,7 +144,8 @@ class CamaraAdapter(HttpAdapter):
     def _sink(self, key: str) -> dict[str, Any]:
         expires = (datetime.now(UTC) + timedelta(days=30)).isoformat()
         return {"sink": f"{self._callback_url}/{key}",
-                "sinkCredential": {"credentialType": "ACCESSTOKEN", "accessToken": self._sink_token,
+                "sinkCredential": {"credentialType": "ACCESSTOKEN",
+                                   "accessToken": sink_token(self._sink_token, key),
                                    "accessTokenExpiresUtc": expires, "accessTokenType": "bearer"}}
 
     @staticmethod
@@ -202,43 +219,46 @@ class CamaraAdapter(HttpAdapter):
                                 f"/payments/{request.original_carrier_reference}/refunds", body,
                                 "refundId", "refundStatus")
 
-    async def status(self, request: StatusRequest) -> OperationResult | None:
-        """retrievePayments (or the payment's refunds), matched on our clientCorrelator."""
+    async def status(self, request: StatusRequest) -> LookupResult:
+        """retrievePayments (or the payment's refunds), matched on our clientCorrelator. Charges
+        are searched in a narrow creation-date window around when we first sent them, so the
+        search stays a page or two however busy the carrier is."""
         if request.operation == "refund":
             path, id_field, status_field = (
                 f"/payments/{request.original_carrier_reference}/refunds", "refundId",
                 "refundStatus")
         else:
             path, id_field, status_field = "/payments", "paymentId", "paymentStatus"
-        since = (datetime.now(UTC) - LOOKUP_WINDOW).isoformat()
+        sent = request.sent_at or datetime.now(UTC)
+        window = {"paymentCreationDate.gte": (sent - LOOKUP_MARGIN).isoformat(),
+                  "paymentCreationDate.lte": (sent + LOOKUP_WINDOW).isoformat()}
         for page in range(1, MAX_PAGES + 1):
             items: list[dict[str, Any]] = []
 
-            def mapper(reply: HttpReply, items: list[dict[str, Any]] = items) -> OperationResult | None:
+            def mapper(reply: HttpReply, items: list[dict[str, Any]] = items) -> LookupResult:
                 body = _json(reply)
                 if reply.status_code != 200:
-                    return _error(reply, body)
+                    return LookupResult.failure_of(_error(reply, body))
                 if not isinstance(body, list):
-                    return OperationResult(outcome=Outcome.UNKNOWN, message="malformed list")
+                    return LookupResult.failed("malformed list")
                 items.extend(x for x in body if isinstance(x, dict))
-                return None
+                return LookupResult.not_found()
 
             params = {"page": str(page), "perPage": str(PAGE_SIZE)}
             if request.operation == "charge":
-                # oldest first, from a bounded window: new payments land after what we read,
-                # so a page never shifts under us
-                params |= {"order": "asc", "paymentCreationDate.gte": since}
-            failure = await self._transport.lookup(
+                # oldest first: new payments land after what we read, so pages never shift
+                params |= {"order": "asc", **window}
+            answer = await self._transport.lookup(
                 operation="status", idempotency_key=request.idempotency_key, method="GET",
                 path=path, params=params,
                 headers={"x-correlator": request.idempotency_key}, mapper=mapper)
-            if failure is not None:
-                return failure
+            if answer.lookup is not Lookup.NOT_FOUND:
+                return answer
             for item in items:
                 transaction = item.get("amountTransaction") or {}
                 if transaction.get("clientCorrelator") == request.idempotency_key:
-                    return outcome_of(item.get(status_field), item.get(id_field),
-                                      str(item.get("denialReason", "")))
+                    return LookupResult.of(outcome_of(item.get(status_field), item.get(id_field),
+                                                      redact(str(item.get("denialReason", "")))))
             if len(items) < PAGE_SIZE:
-                return None
-        return OperationResult(outcome=Outcome.UNKNOWN, message="too many payments to search")
+                return LookupResult.not_found()
+        return LookupResult.failed("too many payments in the window to search")

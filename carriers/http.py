@@ -11,7 +11,7 @@ import httpx
 from pydantic import BaseModel
 
 from carriers.auth import TokenError
-from carriers.base import CarrierAdapter, OperationResult, Outcome
+from carriers.base import CarrierAdapter, LookupResult, OperationResult, Outcome
 from carriers.redaction import redact
 
 
@@ -64,7 +64,7 @@ def refusal(reply: HttpReply) -> OperationResult | None:
 
 
 ReplyMapper = Callable[[HttpReply], OperationResult]
-LookupMapper = Callable[[HttpReply], OperationResult | None]
+LookupMapper = Callable[[HttpReply], LookupResult]
 
 
 class HttpTransport:
@@ -95,13 +95,29 @@ class HttpTransport:
         )
 
     async def send(self, *, mapper: ReplyMapper, **request: Any) -> OperationResult:
-        result = await self._exchange(mapper=mapper, **request)
-        assert result is not None
-        return result
-
-    async def lookup(self, *, mapper: LookupMapper, **request: Any) -> OperationResult | None:
-        """Like send, for status look-ups, where None means the carrier has no such record."""
         return await self._exchange(mapper=mapper, **request)
+
+    async def lookup(self, *, mapper: LookupMapper, **request: Any) -> LookupResult:
+        """A status look-up. Whatever stops the look-up itself (network, credentials, an
+        unreadable reply) is FAILED: it tells nothing about the operation looked up."""
+        outcome: LookupResult | None = None
+
+        def read(reply: HttpReply) -> OperationResult:
+            nonlocal outcome
+            outcome = mapper(reply)
+            if outcome.lookup.value == "found" and outcome.found is not None:
+                return outcome.found
+            return OperationResult(outcome=Outcome.UNKNOWN, carrier_code=outcome.carrier_code,
+                                   message=f"look-up {outcome.lookup.value}: {outcome.message}")
+
+        transport_result = await self._exchange(mapper=read, **request)
+        if outcome is None:  # never mapped: not sent, no answer, or credentials refused
+            return LookupResult.failure_of(transport_result)
+        if outcome.found is not None:
+            # carrier text is redacted on the way out, like every result
+            return outcome.model_copy(update={"found": transport_result.model_copy(
+                update={"outcome": outcome.found.outcome})})
+        return outcome.model_copy(update={"message": transport_result.message})
 
     async def _exchange(
         self,
@@ -110,20 +126,20 @@ class HttpTransport:
         idempotency_key: str,
         method: str,
         path: str,
-        mapper: LookupMapper,
+        mapper: ReplyMapper,
         json: object | None = None,
         data: dict[str, str] | None = None,
         content: str | None = None,
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-    ) -> OperationResult | None:
+    ) -> OperationResult:
         request = self._client.build_request(
             method, path, json=json, data=data, content=content, params=params, headers=headers
         )
         started = time.perf_counter()
         reply: HttpReply | None = None
         error: str | None = None
-        result: OperationResult | None
+        result: OperationResult
         try:
             response = await self._client.send(request)
             reply = HttpReply(response.status_code, response.text, response.headers)
@@ -141,7 +157,7 @@ class HttpTransport:
                 outcome=Outcome.UNKNOWN, message=f"no answer after sending: {error}"
             )
         latency_ms = int((time.perf_counter() - started) * 1000)
-        if result is not None and result.message:  # carrier text reaches workflow histories
+        if result.message:  # carrier text reaches workflow histories
             result = result.model_copy(update={"message": redact(result.message, self._secrets)})
         error = redact(error, self._secrets) if error else None
         await self._sink(
@@ -154,7 +170,7 @@ class HttpTransport:
                 request_body=redact(request.content.decode("utf-8", "replace"), self._secrets),
                 status_code=reply.status_code if reply else None,
                 response_body=redact(reply.text, self._secrets) if reply else "",
-                outcome=result.outcome.value if result else "not_found",
+                outcome=result.outcome.value,
                 error=error,
                 latency_ms=latency_ms,
             )

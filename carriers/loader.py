@@ -151,6 +151,8 @@ class CarrierConfig(_Strict):
     # after a pending answer: waits, in seconds, between status look-ups (the last repeats);
     # for callback carriers the fallback when the callback does not come
     settle_delays_seconds: list[float] | None = None
+    # how long an ambiguous charge is settled before it is listed as unsettled
+    settle_deadline_seconds: float = Field(default=2 * 86400.0, gt=0)
     smpp: SmppConfig | None = None
     timeout_seconds: float = Field(default=10.0, gt=0)
     rate_limit_per_second: float = Field(default=50.0, gt=0)
@@ -174,6 +176,12 @@ class CarrierConfig(_Strict):
             raise ValueError("the smpp table is required for, and only for, protocol 'smpp'")
         if self.protocol == "smpp" and any(p.short_code is None for p in self.price_points):
             raise ValueError("every premium SMS price point needs a short_code")
+        return self
+
+    @model_validator(mode="after")
+    def _smpp_has_no_key(self) -> CarrierConfig:
+        if self.protocol == "smpp" and self.promises.deduplicates_by_key != "no":
+            raise ValueError("promises.deduplicates_by_key: SMPP carries no idempotency key")
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from urllib.parse import quote
 from carriers.base import (
     Capability,
     ChargeRequest,
+    LookupResult,
     OperationResult,
     Outcome,
     RefundRequest,
@@ -135,13 +136,31 @@ def form_fields(body: dict[str, Any]) -> dict[str, str]:
     return fields
 
 
-def map_lookup(reply: HttpReply, expected_status: str) -> OperationResult | None:
+def map_lookup(reply: HttpReply, expected_status: str) -> LookupResult:
+    """Only a transaction the carrier returns is an answer; a 404 is "no such transaction"
+    only when it says so with a service exception, not a bare 404 from a gateway or a path
+    that does not exist."""
     if reply.status_code == 404:
-        return None
-    return map_reply(reply, expected_status)
+        try:
+            body = json.loads(reply.text) if reply.text else None
+        except json.JSONDecodeError:
+            body = None
+        error = body.get("requestError") if isinstance(body, dict) else None
+        exception = error.get("serviceException") if isinstance(error, dict) else None
+        if isinstance(exception, dict) and exception.get("messageId") in NOT_FOUND_IDS:
+            return LookupResult.not_found(str(exception.get("text", "")))
+        return LookupResult.failed("HTTP 404 without a service exception", "404")
+    if not 200 <= reply.status_code < 300:
+        return LookupResult.failure_of(map_reply(reply, expected_status))
+    result = map_reply(reply, expected_status)
+    if result.outcome is Outcome.SUCCEEDED:
+        return LookupResult.of(result)
+    return LookupResult.failure_of(result)
 
 
 _EXPECTED = {"charge": "Charged", "refund": "Refunded"}
+# the service exceptions a OneAPI gateway answers an unknown clientCorrelator with
+NOT_FOUND_IDS = {"SVC0004"}
 
 
 class OneApiAdapter(HttpAdapter):
@@ -176,7 +195,7 @@ class OneApiAdapter(HttpAdapter):
         return await self._post("refund", request.idempotency_key, request.msisdn,
                                 self.refund_body(request))
 
-    async def status(self, request: StatusRequest) -> OperationResult | None:
+    async def status(self, request: StatusRequest) -> LookupResult:
         expected = _EXPECTED[request.operation]
         return await self._transport.lookup(
             operation="status", idempotency_key=request.idempotency_key, method="GET",

@@ -31,6 +31,7 @@ from carriers.base import (
     BalanceResult,
     Capability,
     ChargeRequest,
+    LookupResult,
     OperationResult,
     Outcome,
     RefundRequest,
@@ -165,21 +166,24 @@ class ParlayXAdapter(HttpAdapter):
             referenceCode=request.idempotency_key,
             originalReferenceCode=request.original_carrier_reference)
 
-    async def status(self, request: StatusRequest) -> OperationResult | None:
+    async def status(self, request: StatusRequest) -> LookupResult:
+        """``getAmountTransactionStatus`` is our own extension, not in TS 29.199-6: only
+        carriers that declare a status look-up get asked. A state other than the three known
+        ones is not an answer."""
         expected: Literal["Charged", "Refunded"] = (
             "Charged" if request.operation == "charge" else "Refunded")
 
-        def mapper(reply: HttpReply) -> OperationResult | None:
+        def mapper(reply: HttpReply) -> LookupResult:
             result, failure = self._read(self._payment, "getAmountTransactionStatus", reply)
             if failure:
-                return failure
+                return LookupResult.failure_of(failure)
             state = str(result)
             if state == "NotFound":
-                return None
+                return LookupResult.not_found()
             if state == expected:
-                return OperationResult(outcome=Outcome.SUCCEEDED,
-                                       carrier_reference=request.idempotency_key)
-            return OperationResult(outcome=Outcome.UNKNOWN, message=f"status {state!r}")
+                return LookupResult.of(OperationResult(
+                    outcome=Outcome.SUCCEEDED, carrier_reference=request.idempotency_key))
+            return LookupResult.failed(f"unrecognised transaction status {state!r}")
 
         return await self._transport.lookup(
             operation="status", idempotency_key=request.idempotency_key, method="POST",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -11,6 +12,14 @@ from sqlmodel import Field, SQLModel
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+_TOKEN_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+
+
+def new_key_token() -> str:
+    """12 random characters (60 bits) from an alphabet that survives every carrier's key rules."""
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(12))
 
 
 class Period(StrEnum):
@@ -112,6 +121,9 @@ class Subscription(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
+    # random, never reused: with the deployment's prefix it makes our idempotency keys unique
+    # across databases, restores and environments sharing a merchant account
+    key_token: str = Field(default_factory=new_key_token, unique=True, index=True, max_length=16)
     subscriber_id: int = Field(foreign_key="subscriber.id", index=True)
     product_id: str = Field(foreign_key="product.id")
     price_point_id: str = Field(foreign_key="pricepoint.id")
@@ -144,6 +156,53 @@ class LedgerEntry(SQLModel, table=True):
     refunds_entry_id: int | None = Field(default=None, foreign_key="ledgerentry.id")
     due_at: datetime = Field(sa_type=sa.DateTime(timezone=True))
     committed_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+
+
+class OperationState(StrEnum):
+    # reserved before the request leaves: from here on the carrier may have acted
+    SENDING = "sending"
+    # the carrier answered that nothing was done (busy, credentials refused): may send again
+    RETRYABLE = "retryable"
+    # the carrier may have acted and has not given a final answer yet
+    PENDING = "pending"
+    # the final answer is known (``outcome``)
+    SETTLED = "settled"
+    # no final answer within the settlement bounds: may have debited; a late result or
+    # reconciliation settles it
+    UNSETTLED = "unsettled"
+
+
+class CarrierOperation(SQLModel, table=True):
+    """Every charge and refund we send, from before it leaves until its final answer: what makes
+    a second send impossible without a look-up, where results pushed by carriers are kept
+    durably, and where an operator finds what stays unsettled."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    idempotency_key: str = Field(unique=True, max_length=128)
+    kind: LedgerKind = Field(sa_type=sa.String(8))
+    carrier_id: str = Field(index=True)
+    # the workflow that owns the operation: where pushed results are relayed
+    workflow_id: str
+    subscription_id: int = Field(index=True)
+    cycle: int
+    amount_minor: int
+    currency: str = Field(max_length=3)
+    due_at: datetime = Field(sa_type=sa.DateTime(timezone=True))
+    state: OperationState = Field(sa_type=sa.String(16), index=True)
+    # how many times the request itself was sent (a resend only after a "not found")
+    sends: int = 0
+    outcome: str | None = None
+    carrier_reference: str | None = None
+    carrier_code: str | None = None
+    message: str = ""
+    # the latest result the carrier pushed (callback, receipt), verified and bound to carrier_id
+    reported_outcome: str | None = None
+    reported_reference: str | None = None
+    reported_code: str | None = None
+    reported_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    unsettled_reason: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
 
 
 class CarrierInteraction(SQLModel, table=True):

@@ -149,7 +149,7 @@ async def callback_receiver(
 ) -> AsyncIterator[CallbackReceiver]:
     """The real receiver on the port the adapters give carriers as their callback URL."""
     receiver = CallbackReceiver(temporal_env.client, default_registry(), settings,
-                                InteractionStore(engine).record)
+                                InteractionStore(engine).record, engine)
     runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", settings.callback_port).start()
@@ -160,7 +160,8 @@ async def callback_receiver(
 @pytest.fixture(scope="session")
 def client(temporal_env: WorkflowEnvironment, worker: Worker, engine: Engine,
            settings: Settings) -> SubscriptionClient:
-    return SubscriptionClient(temporal_env.client, engine, default_registry(), settings.task_queue)
+    return SubscriptionClient(temporal_env.client, engine, default_registry(), settings.task_queue,
+                              settings.deployment_id)
 
 
 @pytest.fixture(scope="session")

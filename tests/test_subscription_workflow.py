@@ -149,10 +149,10 @@ async def test_insufficient_funds_retries_on_schedule_then_fails_the_cycle(
         keys = [row.idempotency_key for row in session.exec(
             select(CarrierInteraction).where(
                 CarrierInteraction.idempotency_key.startswith(
-                    f"sub-{started.subscription_id}-c1-"))
+                    f"{started.key_prefix}-c1-"))
             .order_by(CarrierInteraction.id)  # type: ignore[arg-type]
         )]
-    assert keys == [f"sub-{started.subscription_id}-c1-a{slot}" for slot in range(4)]
+    assert keys == [f"{started.key_prefix}-c1-a{slot}" for slot in range(4)]
     assert ledger_of(engine, started.subscription_id) == []
     assert await simulator.transactions(CARRIER, fr_msisdn) == []
 
@@ -180,7 +180,7 @@ async def test_activity_failing_after_the_carrier_debited_never_debits_twice(
     assert state.charges_succeeded == 1
     books = await simulator.transactions(CARRIER, fr_msisdn)
     assert len(books) == 1
-    assert books[0]["clientCorrelator"] == f"sub-{started.subscription_id}-c1-a0"
+    assert books[0]["clientCorrelator"] == f"{started.key_prefix}-c1-a0"
     assert await simulator.balance(CARRIER, fr_msisdn) == Decimal("995.01")
     entries = ledger_of(engine, started.subscription_id)
     assert [e.carrier_reference for e in entries] == [books[0]["serverReferenceCode"]]
@@ -188,7 +188,7 @@ async def test_activity_failing_after_the_carrier_debited_never_debits_twice(
     with Session(engine) as session:
         outcomes = [row.outcome for row in session.exec(
             select(CarrierInteraction).where(
-                CarrierInteraction.idempotency_key == f"sub-{started.subscription_id}-c1-a0")
+                CarrierInteraction.idempotency_key == f"{started.key_prefix}-c1-a0")
             .order_by(CarrierInteraction.id)  # type: ignore[arg-type]
         )]
     # the retry repeated the same clientCorrelator and the carrier replayed its transaction
@@ -319,7 +319,7 @@ async def test_premium_sms_charges_are_decided_by_delivery_receipts(
             CarrierInteraction.carrier_id == carrier.id,
             CarrierInteraction.operation == "receipt",
             CarrierInteraction.idempotency_key.startswith(
-                f"sub-{started.subscription_id}-c1-"))).all()
+                f"{started.key_prefix}-c1-"))).all()
     assert sorted(r.outcome for r in receipts) == ["insufficient_funds (relayed)",
                                                    "succeeded (relayed)"]
     assert all(msisdn[3:] not in r.request_body for r in receipts)

@@ -7,17 +7,18 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
-    from activities.messages import CarrierReport, RefundInput, RefundOutput, refund_key
-    from workflows.settle import PendingSettler
+    from activities.messages import CarrierReport, RefundInput, RefundOutput, UnsettledInput
+    from workflows.settle import OperationSettler, SettleBounds
     from workflows.types import RefundRequestInput
 
 REFUND_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=2),
-    maximum_interval=timedelta(minutes=5),
-    non_retryable_error_types=["NotRefundable"],
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    non_retryable_error_types=["NotRefundable", "ConfigurationError"],
 )
 
 
@@ -28,7 +29,7 @@ def refund_workflow_id(subscription_id: int, cycle: int) -> str:
 @workflow.defn(name="RefundWorkflow")
 class RefundWorkflow:
     def __init__(self) -> None:
-        self._settler = PendingSettler()
+        self._settler = OperationSettler()
 
     @workflow.signal(name="carrier_result")
     def carrier_result(self, report: CarrierReport) -> None:
@@ -36,20 +37,37 @@ class RefundWorkflow:
 
     @workflow.run
     async def run(self, request: RefundRequestInput) -> RefundOutput:
-        refund = RefundInput(request.subscription_id, request.cycle, request.reason)
+        if request.idempotency_key is None:
+            raise ApplicationError("a refund needs its idempotency key",
+                                            non_retryable=True)
+        key = request.idempotency_key
+        refund = RefundInput(request.subscription_id, request.cycle, request.reason,
+                             idempotency_key=key)
 
-        async def attempt(refund: RefundInput, summary: str) -> RefundOutput:
+        async def attempt(report: CarrierReport | None, summary: str) -> RefundOutput:
             return await workflow.execute_activity_method(
-                BillingActivities.refund_charge, refund,
-                start_to_close_timeout=timedelta(seconds=30), retry_policy=REFUND_RETRY,
-                summary=summary)
-
-        async def settle(report: CarrierReport | None) -> RefundOutput:
-            source = "reported result" if report else "status look-up"
-            return await attempt(replace(refund, settling=True, reported=report),
-                                 f"settle refund by {source}")
+                BillingActivities.refund_charge, replace(refund, reported=report),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=timedelta(minutes=5),
+                retry_policy=REFUND_RETRY, summary=summary)
 
         summary = f"refund cycle {request.cycle} of subscription {request.subscription_id}"
-        return await self._settler.run(refund_key(request.subscription_id, request.cycle),
-                                       lambda: attempt(refund, summary),
-                                       request.settle_delays_seconds, settle)
+        bounds = SettleBounds(request.settle_delays_seconds,
+                              deadline_seconds=request.settle_deadline_seconds)
+        # a refund is owed to the subscriber: nothing stops resending one the carrier refused
+        settled = await self._settler.run(key, request.carrier_id, attempt, summary, bounds,
+                                          lambda: False)
+        if settled.kind == "final" and settled.result is not None:
+            return settled.result
+        if settled.kind == "error" and settled.reason.startswith("NotRefundable"):
+            raise ApplicationError(settled.reason, type="NotRefundable",
+                                            non_retryable=True)
+        if settled.kind == "not_sent" and settled.result is not None:
+            return settled.result
+        await workflow.execute_activity_method(
+            BillingActivities.record_unsettled_operation, UnsettledInput(key, settled.reason),
+            start_to_close_timeout=timedelta(seconds=30), summary=f"list {key} as unsettled")
+        last = settled.result
+        return RefundOutput("unsettled", last.amount_minor if last else 0,
+                            last.currency if last else "", None,
+                            last.carrier_code if last else None, settled.reason)

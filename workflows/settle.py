@@ -1,26 +1,38 @@
-"""Settling a pending carrier answer inside a workflow: wait for the carrier's pushed result or a
-durable timer, then settle by that result or a status look-up, until the outcome is final."""
+"""Driving one carrier operation to a final answer inside a workflow.
+
+The activity returns every answer; this loop decides what happens next, on durable timers:
+
+* final (succeeded, insufficient funds, rejected): done;
+* transient (the carrier did nothing: busy, credentials refused): sent again after a backoff,
+  unless the caller stops (a cancel) or the transient limit passes: then it was not charged;
+* pending or unknown (money may have moved): wait for the carrier's pushed result or a timer,
+  then settle by that result or a look-up. A cancel does not stop this, since money may have
+  moved; the number of attempts and a deadline do: the operation is then *unsettled*, listed
+  for operators, and a late result or reconciliation settles it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.messages import CarrierReport
+    from carriers.reports import CarrierReport
 
 
-# Each attempt adds about ten history events; past this many the operation is handed to
-# reconciliation rather than let the history grow toward Temporal's limit.
-MAX_SETTLE_ATTEMPTS = 500
+# Each attempt adds about ten history events; past this many the operation is left unsettled
+# rather than let the history grow toward Temporal's limit.
+MAX_SETTLE_ATTEMPTS = 200
+FINAL = ("succeeded", "insufficient_funds", "rejected")
 
 
 class SettlementAbandoned(ApplicationError):
-    """The carrier never gave a final answer: reconciliation against its reports decides."""
+    """(Kept for recorded histories: unsettled operations are now results, not errors.)"""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, type="SettlementAbandoned", non_retryable=True)
@@ -28,50 +40,122 @@ class SettlementAbandoned(ApplicationError):
 
 class HasOutcome(Protocol):
     outcome: str
+    carrier_code: str | None
+    message: str
+    retry_after_seconds: float | None
+    issue: str | None
 
 
 R = TypeVar("R", bound=HasOutcome)
 
 
-class PendingSettler:
-    """Holds pushed results for the one operation being waited for; the rest are dropped, so
-    duplicate and late callbacks change nothing."""
+@dataclass
+class SettleBounds:
+    # waits between settling attempts after a pending or unknown answer (the last repeats)
+    delays: list[float]
+    # how long a pending operation is settled before it is left unsettled
+    deadline_seconds: float = 2 * 86400.0
+    # (None: MAX_SETTLE_ATTEMPTS, read when settling)
+    max_attempts: int | None = None
+    # backoff after answers that say nothing happened (the last repeats), and for how long
+    transient_delays: list[float] = field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0])
+    transient_limit_seconds: float = 86400.0
+
+
+@dataclass
+class Settled(Generic[R]):
+    # final | not_sent (nothing happened) | unsettled (may have moved money) | error (ours)
+    kind: str
+    result: R | None = None
+    reason: str = ""
+
+
+class OperationSettler:
+    """Holds pushed results for the one operation being waited for, from its own carrier
+    only; the rest are dropped, so duplicate, late and foreign callbacks change nothing."""
 
     def __init__(self) -> None:
         self.awaiting: str | None = None
+        self.carrier_id: str | None = None
         self._reports: dict[str, CarrierReport] = {}
+        # a transient answer that is an operator's problem (credentials), while it lasts
+        self.issue: str | None = None
 
-    def offer(self, report: CarrierReport) -> None:
-        if report.idempotency_key == self.awaiting:
-            self._reports[report.idempotency_key] = report
+    def offer(self, report: CarrierReport) -> bool:
+        if report.idempotency_key != self.awaiting:
+            return False
+        if report.carrier_id and report.carrier_id != self.carrier_id:
+            workflow.logger.warning("dropped a result for %s from carrier %s, not %s",
+                                    report.idempotency_key, report.carrier_id, self.carrier_id)
+            return False
+        self._reports[report.idempotency_key] = report
+        return True
 
     async def run(
         self,
         key: str,
-        first: Callable[[], Awaitable[R]],
-        delays: list[float],
-        attempt: Callable[[CarrierReport | None], Awaitable[R]],
-    ) -> R:
-        """``first()`` sends the operation; while it is pending, ``attempt(report)`` settles it.
-        A callback may beat the first answer, so reports are accepted from the start. Never
-        gives up early: an ambiguous operation may have moved money, so the last delay repeats,
-        up to MAX_SETTLE_ATTEMPTS; then SettlementAbandoned hands it to reconciliation."""
-        settles = 0
-        delays = delays or [60.0]
-        self.awaiting = key
+        carrier_id: str,
+        attempt: Callable[[CarrierReport | None, str], Awaitable[R]],
+        first_summary: str,
+        bounds: SettleBounds,
+        stop_sending: Callable[[], bool],
+        on_issue: Callable[[str | None], None] = lambda _issue: None,
+    ) -> Settled[R]:
+        self.awaiting, self.carrier_id = key, carrier_id
+        started = workflow.now()
+        settles = transients = 0
+        summary = first_summary
+        report: CarrierReport | None = None
         try:
-            result = await first()
-            while result.outcome == "pending":
-                if settles >= MAX_SETTLE_ATTEMPTS:
-                    raise SettlementAbandoned(f"{key}: no final answer after {settles} look-ups")
-                delay = delays[min(settles, len(delays) - 1)]
+            while True:
+                try:
+                    result = await attempt(report, summary)
+                except ActivityError as err:
+                    cause = err.cause
+                    if isinstance(cause, ApplicationError) and cause.non_retryable:
+                        return Settled("error", reason=f"{cause.type}: {cause.message}")
+                    result = None  # our own fault outlasted the activity's retries: ask again
+                issue = result.issue if result is not None else None
+                if issue != self.issue:
+                    self.issue = issue
+                    on_issue(issue)
+                if result is not None and result.outcome in FINAL:
+                    return Settled("final", result)
+                elapsed = (workflow.now() - started).total_seconds()
+                if result is not None and result.outcome == "transient":
+                    if stop_sending():
+                        return Settled("not_sent", result, "cancelled while the carrier refused")
+                    if elapsed >= bounds.transient_limit_seconds:
+                        return Settled("not_sent", result, "the carrier kept refusing")
+                    delay = result.retry_after_seconds or bounds.transient_delays[
+                        min(transients, len(bounds.transient_delays) - 1)]
+                    transients += 1
+                    with contextlib.suppress(TimeoutError):
+                        await workflow.wait_condition(
+                            stop_sending, timeout=delay,
+                            timeout_summary=f"carrier refused; send again ({transients})")
+                    if stop_sending():
+                        return Settled("not_sent", result, "cancelled while the carrier refused")
+                    summary, report = f"send {key} again ({transients})", None
+                    continue
+                limit = bounds.max_attempts or MAX_SETTLE_ATTEMPTS
+                if settles >= limit or elapsed >= bounds.deadline_seconds:
+                    why = result.message if result is not None else "activity failed"
+                    return Settled("unsettled", result,
+                                   f"no final answer after {settles} settling attempts: {why}")
+                delay = bounds.delays[min(settles, len(bounds.delays) - 1)]
                 settles += 1
                 with contextlib.suppress(TimeoutError):
                     await workflow.wait_condition(
                         lambda: key in self._reports, timeout=delay,
                         timeout_summary=f"wait for the carrier's result ({settles})")
-                result = await attempt(self._reports.pop(key, None))
+                report = self._reports.pop(key, None)
+                source = "reported result" if report else "status look-up"
+                summary = f"settle {key} by {source}"
         finally:
             self.awaiting = None
             self._reports.clear()
-        return result
+            if self.issue is not None:
+                self.issue = None
+                on_issue(None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -15,25 +16,33 @@ with workflow.unsafe.imports_passed_through():
         ChargeInput,
         ChargeOutput,
         StatusInput,
+        UnsettledInput,
         charge_key,
     )
     from models.money import format_major
     from workflows import search_attributes as sa
     from workflows.schedule import due_at
-    from workflows.settle import PendingSettler, SettlementAbandoned
+    from workflows.settle import OperationSettler, SettleBounds, Settled
     from workflows.types import BillingState, CycleResult, SubscriptionInput
 
-# A charge is retried with the same idempotency key until the carrier gives a final answer:
-# the key makes repeats harmless, and giving up on an ambiguous charge could lose money.
+# Only our own faults (database, a worker lost) are retried inside the activity, briefly: every
+# carrier answer comes back to the workflow, which waits on durable timers and reads callbacks
+# between attempts. The operation record decides whether a call may send, so a retry never
+# sends blindly.
 CHARGE_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=2),
+    initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=5),
+    maximum_interval=timedelta(seconds=30),
+    non_retryable_error_types=["ConfigurationError", "NotRefundable"],
 )
 CHARGE_TIMEOUT = timedelta(seconds=30)
+CHARGE_SCHEDULE_TO_CLOSE = timedelta(minutes=5)
 RECENT_CYCLES_KEPT = 12
+UNSETTLED_KEYS_KEPT = 50
 
 ACTIVE, PAST_DUE, CANCELLED, COMPLETED = "active", "past_due", "cancelled", "completed"
+# BillingIssue values, the most urgent first
+ISSUE_PRIORITY = ("configuration", "unsettled", "credentials_rejected")
 
 
 @workflow.defn(name="SubscriptionWorkflow")
@@ -41,7 +50,9 @@ class SubscriptionWorkflow:
     @workflow.init
     def __init__(self, subscription: SubscriptionInput) -> None:
         self._input = subscription
-        self._settler = PendingSettler()
+        self._settler = OperationSettler()
+        self._cancel_recorded: asyncio.Task[None] | None = None
+        self._config_issue = False
         if subscription.state is not None:
             self._state = subscription.state
         else:
@@ -61,16 +72,24 @@ class SubscriptionWorkflow:
 
     @workflow.signal(name="carrier_result")
     def carrier_result(self, report: CarrierReport) -> None:
-        """A callback or receipt relayed by the receiver. Only the operation being waited for
-        is kept: duplicates and late arrivals change nothing."""
+        """A callback or receipt relayed by the receiver. Only the operation being waited for,
+        from this subscription's carrier, is kept: duplicates, late arrivals and results
+        from another carrier change nothing."""
         self._settler.offer(report)
+
+    @workflow.signal(name="operation_settled")
+    def operation_settled(self, key: str) -> None:
+        """A charge this workflow left unsettled was settled later (late result, look-up)."""
+        if key in self._state.unsettled_keys:
+            self._state.unsettled_keys.remove(key)
+            self._refresh_issue()
 
     @workflow.update(name="cancel")
     async def cancel(self) -> BillingState:
-        """Stops all future billing; returns once the workflow has recorded the cancellation.
-        A charge already in flight is allowed to finish, since it may already have debited."""
+        """Stops all future billing and returns once the cancellation is recorded: it waits for
+        no charge. A charge already sent goes on being settled, since it may have debited."""
         self._state.cancel_requested = True
-        await workflow.wait_condition(lambda: self._state.status == CANCELLED)
+        await self._record_cancellation()
         return self._state
 
     @cancel.validator
@@ -90,7 +109,12 @@ class SubscriptionWorkflow:
             await self._bill_cycle(state.next_cycle, state.next_charge_at)
             cycles_this_run += 1
             if subscription.plan.period == "one_off":
-                await self._finish(COMPLETED)
+                if state.cancel_requested:
+                    await self._record_cancellation()
+                else:
+                    await self._finish(COMPLETED)
+                # a cancel update that arrived meanwhile gets its answer before we return
+                await workflow.wait_condition(workflow.all_handlers_finished)
                 return state
             state.next_cycle += 1
             state.next_charge_at = self._due(state.next_cycle)
@@ -102,7 +126,7 @@ class SubscriptionWorkflow:
                 if not state.cancel_requested:
                     state.runs += 1
                     workflow.continue_as_new(replace(subscription, state=state))
-        await self._finish(CANCELLED)
+        await self._record_cancellation()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return state
 
@@ -121,6 +145,10 @@ class SubscriptionWorkflow:
             except TimeoutError:
                 pass
         return not self._state.cancel_requested
+
+    def _key(self, cycle: int, slot: int) -> str:
+        prefix = self._input.key_prefix or f"sub-{self._input.subscription_id}"
+        return charge_key(prefix, cycle, slot)
 
     async def _bill_cycle(self, cycle: int, due: datetime) -> None:
         state, plan = self._state, self._input.plan
@@ -143,21 +171,33 @@ class SubscriptionWorkflow:
                 carrier_id=self._input.carrier_id,
                 cycle=cycle,
                 attempt_slot=slot,
-                idempotency_key=charge_key(self._input.subscription_id, cycle, slot),
+                idempotency_key=self._key(cycle, slot),
                 amount_minor=plan.amount_minor,
                 currency=plan.currency,
                 due_at=due,
                 description=f"{self._input.product_id} cycle {cycle}",
             )
-            try:
-                result = await self._charge(charge,
-                                            f"charge cycle {cycle} attempt {attempts}: {price}")
-            except SettlementAbandoned:
-                # money may have moved: no retry, no failure count; reconciliation settles it
-                self._remember(CycleResult(cycle, due, "unsettled", attempts, None, None))
+            settled = await self._charge(charge,
+                                         f"charge cycle {cycle} attempt {attempts}: {price}")
+            if settled.kind in ("unsettled", "error"):
+                # money may have moved: no new key, no failure count; listed for operators
+                await self._leave_unsettled(charge.idempotency_key, settled.reason,
+                                            settled.kind == "error")
+                self._remember(CycleResult(cycle, due, "unsettled", attempts, None,
+                                           settled.result.carrier_code if settled.result
+                                           else None))
                 self._set_status(ACTIVE)
                 return
+            result = settled.result
+            assert result is not None
             last_code = result.carrier_code
+            if settled.kind == "not_sent":
+                outcome = "cancelled" if state.cancel_requested else "not_charged"
+                if outcome == "not_charged":
+                    state.cycles_not_charged += 1
+                self._remember(CycleResult(cycle, due, outcome, attempts, None, last_code))
+                self._set_status(ACTIVE)
+                return
             if result.outcome == "succeeded":
                 state.charges_succeeded += 1
                 state.amount_charged_minor += plan.amount_minor
@@ -171,26 +211,59 @@ class SubscriptionWorkflow:
         self._remember(CycleResult(cycle, due, "failed", attempts, None, last_code))
         self._set_status(ACTIVE)
 
-    async def _charge(self, charge: ChargeInput, summary: str) -> ChargeOutput:
-        """Charges; a pending answer is settled (cancelling does not stop a settlement)."""
+    async def _charge(self, charge: ChargeInput, summary: str) -> Settled[ChargeOutput]:
+        """Charges, then settles any pending or unknown answer (a cancel stops resending
+        after a refusal, never the settling of a charge that may have debited)."""
+        plan = self._input.plan
 
-        async def settle(report: CarrierReport | None) -> ChargeOutput:
-            charge.settling, charge.reported = True, report
-            source = "reported result" if report else "status look-up"
-            return await self._run_charge(charge, f"settle {charge.idempotency_key} by {source}")
+        async def attempt(report: CarrierReport | None, summary: str) -> ChargeOutput:
+            charge.reported = report
+            return await workflow.execute_activity_method(
+                BillingActivities.charge_subscription, charge,
+                start_to_close_timeout=CHARGE_TIMEOUT,
+                schedule_to_close_timeout=CHARGE_SCHEDULE_TO_CLOSE,
+                retry_policy=CHARGE_RETRY, summary=summary)
 
+        bounds = SettleBounds(plan.settle_delays_seconds,
+                              deadline_seconds=plan.settle_deadline_seconds)
         return await self._settler.run(
-            charge.idempotency_key, lambda: self._run_charge(charge, summary),
-            self._input.plan.settle_delays_seconds, settle)
+            charge.idempotency_key, charge.carrier_id, attempt, summary, bounds,
+            lambda: self._state.cancel_requested, self._set_transient_issue)
 
-    async def _run_charge(self, charge: ChargeInput, summary: str) -> ChargeOutput:
-        return await workflow.execute_activity_method(
-            BillingActivities.charge_subscription,
-            charge,
-            start_to_close_timeout=CHARGE_TIMEOUT,
-            retry_policy=CHARGE_RETRY,
-            summary=summary,
-        )
+    async def _leave_unsettled(self, key: str, reason: str, configuration: bool) -> None:
+        workflow.logger.warning("charge %s left unsettled: %s", key, reason)
+        await workflow.execute_activity_method(
+            BillingActivities.record_unsettled_operation, UnsettledInput(key, reason),
+            start_to_close_timeout=timedelta(seconds=30), summary=f"list {key} as unsettled")
+        keys = self._state.unsettled_keys
+        keys.append(key)
+        del keys[:-UNSETTLED_KEYS_KEPT]
+        self._config_issue = self._config_issue or configuration
+        self._refresh_issue()
+
+    def _set_transient_issue(self, issue: str | None) -> None:
+        self._transient_issue = issue
+        self._refresh_issue()
+
+    def _refresh_issue(self) -> None:
+        present = {
+            "configuration": self._config_issue,
+            "unsettled": bool(self._state.unsettled_keys),
+            "credentials_rejected": getattr(self, "_transient_issue", None)
+            == "credentials_rejected",
+        }
+        issue = next((name for name in ISSUE_PRIORITY if present[name]), None)
+        if issue == self._state.billing_issue:
+            return
+        self._state.billing_issue = issue
+        workflow.upsert_search_attributes(
+            [sa.BILLING_ISSUE.value_set(issue) if issue else sa.BILLING_ISSUE.value_unset()])
+
+    async def _record_cancellation(self) -> None:
+        """Records the cancellation once, whoever asks first (the update or the loop)."""
+        if self._cancel_recorded is None:
+            self._cancel_recorded = asyncio.create_task(self._finish(CANCELLED))
+        await self._cancel_recorded
 
     def _remember(self, result: CycleResult) -> None:
         recent = self._state.recent_cycles

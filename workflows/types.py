@@ -16,13 +16,17 @@ class Plan:
     interval_seconds: int | None = None
     # waits between settling attempts after a pending answer (the last one repeats)
     settle_delays_seconds: list[float] = field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0])
+    # how long a pending charge is settled before it is left unsettled (carrier data)
+    settle_deadline_seconds: float = 2 * 86400.0
 
 
 @dataclass
 class CycleResult:
     cycle: int
     due_at: datetime
-    outcome: str  # succeeded | failed | cancelled | unsettled (left to reconciliation)
+    # succeeded | failed | cancelled | not_charged (the carrier kept refusing: nothing moved)
+    # | unsettled (may have moved money: a late result or reconciliation settles it)
+    outcome: str
     attempts: int
     carrier_reference: str | None = None
     carrier_code: str | None = None
@@ -42,6 +46,11 @@ class BillingState:
     runs: int = 1
     # the latest cycles only, so the state carried across continue-as-new stays small
     recent_cycles: list[CycleResult] = field(default_factory=list)
+    # keys of charges left unsettled and not yet settled late
+    unsettled_keys: list[str] = field(default_factory=list)
+    cycles_not_charged: int = 0
+    # what an operator must look at, if anything (the BillingIssue search attribute)
+    billing_issue: str | None = None
 
 
 @dataclass
@@ -56,6 +65,8 @@ class SubscriptionInput:
     first_charge_at: datetime | None = None
     # continue-as-new after this many cycles (or sooner if the server suggests it)
     cycles_per_run: int = 24
+    # "<deployment>-<subscription token>": the start of every idempotency key it sends
+    key_prefix: str | None = None
     # set only when continuing as new
     state: BillingState | None = None
 
@@ -66,3 +77,6 @@ class RefundRequestInput:
     cycle: int
     reason: str = "customer refund"
     settle_delays_seconds: list[float] = field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0])
+    carrier_id: str = ""
+    idempotency_key: str | None = None
+    settle_deadline_seconds: float = 2 * 86400.0

@@ -1,0 +1,135 @@
+"""The durable record of each charge and refund we send (``CarrierOperation``).
+
+Every state change is one conditional UPDATE, so two processes (a retried activity, a callback
+receiver, a late settlement) can never overwrite each other's answer: a settled operation stays
+settled, and only an operation the carrier refused outright may be sent again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from models.tables import CarrierOperation, LedgerKind, OperationState, utcnow
+
+
+@dataclass(frozen=True)
+class OperationSpec:
+    """What an operation is, fixed when it is first reserved."""
+
+    idempotency_key: str
+    kind: LedgerKind
+    carrier_id: str
+    workflow_id: str
+    subscription_id: int
+    cycle: int
+    amount_minor: int
+    currency: str
+    due_at: datetime
+
+
+@dataclass(frozen=True)
+class Reservation:
+    operation: CarrierOperation
+    # whether the caller may send the request now: first use of the key, or the carrier
+    # said the previous send did nothing
+    may_send: bool
+
+
+OPEN_STATES = (OperationState.SENDING, OperationState.PENDING, OperationState.RETRYABLE,
+               OperationState.UNSETTLED)
+
+
+def find(session: Session, key: str) -> CarrierOperation | None:
+    return session.exec(
+        select(CarrierOperation).where(CarrierOperation.idempotency_key == key)).first()
+
+
+def reserve(session: Session, spec: OperationSpec) -> Reservation:
+    """Records the operation before anything is sent (state SENDING), or claims a retryable
+    one for one more send. Anything else is for settling, never for sending."""
+    existing = find(session, spec.idempotency_key)
+    if existing is None:
+        row = CarrierOperation(
+            idempotency_key=spec.idempotency_key, kind=spec.kind, carrier_id=spec.carrier_id,
+            workflow_id=spec.workflow_id, subscription_id=spec.subscription_id, cycle=spec.cycle,
+            amount_minor=spec.amount_minor, currency=spec.currency, due_at=spec.due_at,
+            state=OperationState.SENDING, sends=1)
+        session.add(row)
+        try:
+            session.commit()
+        except IntegrityError:  # another attempt reserved it first: it owns the send
+            session.rollback()
+            existing = find(session, spec.idempotency_key)
+            assert existing is not None
+            return Reservation(existing, False)
+        session.refresh(row)
+        return Reservation(row, True)
+    if (existing.carrier_id, existing.amount_minor, existing.currency, existing.kind) != (
+            spec.carrier_id, spec.amount_minor, spec.currency, spec.kind):
+        raise OperationConflict(
+            f"key {spec.idempotency_key} is already used for {existing.kind} "
+            f"{existing.amount_minor} {existing.currency} on {existing.carrier_id}")
+    if existing.state == OperationState.RETRYABLE and claim_resend(
+            session, existing.idempotency_key, (OperationState.RETRYABLE,)):
+        session.refresh(existing)
+        return Reservation(existing, True)
+    return Reservation(existing, False)
+
+
+def claim_resend(session: Session, key: str, allowed_from: Sequence[OperationState]) -> bool:
+    """Moves the operation to SENDING for one more send, if it is still in one of
+    ``allowed_from``; False if anyone else moved it first."""
+    table = CarrierOperation.__table__  # type: ignore[attr-defined]
+    result = session.execute(
+        sa.update(table)
+        .where(table.c.idempotency_key == key, table.c.state.in_([s.value for s in allowed_from]))
+        .values(state=OperationState.SENDING.value, sends=table.c.sends + 1, updated_at=utcnow()))
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+class OperationConflict(RuntimeError):
+    """A key reused for a different operation: a configuration or code error, never retried."""
+
+
+def transition(session: Session, key: str, state: OperationState, *,
+               allowed_from: Sequence[OperationState] = OPEN_STATES, **facts: object) -> bool:
+    """Moves an open operation to ``state`` with ``facts`` (outcome, reference, code...).
+    A settled operation never changes again."""
+    table = CarrierOperation.__table__  # type: ignore[attr-defined]
+    result = session.execute(
+        sa.update(table)
+        .where(table.c.idempotency_key == key,
+               table.c.state.in_([s.value for s in allowed_from]))
+        .values(state=state.value, updated_at=utcnow(), **facts))
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def store_report(session: Session, key: str, outcome: str, reference: str | None,
+                 code: str | None) -> bool:
+    """Keeps a pushed result durably on the open operation, so it is read even if the signal
+    that announced it reaches no one (worker restarting, workflow closed)."""
+    table = CarrierOperation.__table__  # type: ignore[attr-defined]
+    result = session.execute(
+        sa.update(table)
+        .where(table.c.idempotency_key == key, table.c.state != OperationState.SETTLED.value)
+        .values(reported_outcome=outcome, reported_reference=reference, reported_code=code,
+                reported_at=utcnow(), updated_at=utcnow()))
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def unsettled(session: Session, carrier_id: str | None = None) -> list[CarrierOperation]:
+    query = select(CarrierOperation).where(
+        CarrierOperation.state == OperationState.UNSETTLED).order_by(
+        col(CarrierOperation.created_at))
+    if carrier_id is not None:
+        query = query.where(CarrierOperation.carrier_id == carrier_id)
+    return list(session.exec(query).all())
