@@ -1,6 +1,12 @@
 """A premium-SMS SMSC speaking SMPP v3.4 over TCP (asyncio): binds carriers' ESMEs by
-system_id, debits the short code's tariff on submit_sm, and sends the deliver_sm receipt later
-in that carrier's own receipt wording, on whatever session is bound at the time."""
+system_id, debits the short code's tariff on submit_sm, sends the deliver_sm receipt later
+in that carrier's own receipt wording, on whatever session is bound at the time, and answers
+``query_sm`` about any message it took.
+
+Like a real SMSC it keeps a receipt until the ESME acknowledges it with deliver_sm_resp: one
+sent on a session that drops before the answer (or answered with an error) is delivered again,
+on the next session the carrier binds.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import asyncio
 import contextlib
 import itertools
 import secrets as pysecrets
+import struct
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,8 +42,11 @@ from simulators.core import SimCarrier, SimulatorCore
 
 PROTOCOL = "smpp"
 RECEIPT_DELAY_SECONDS = 0.2
+# a deliver_sm answered with an error status is offered again after this long
+REDELIVERY_DELAY_SECONDS = 1.0
 RECEIPTED_MESSAGE_ID, USER_MESSAGE_REFERENCE, MESSAGE_STATE = 0x001E, 0x0204, 0x0427
 STATE_CODES = {"DELIVRD": 2, "EXPIRED": 3, "UNDELIV": 5, "REJECTD": 8}
+ENROUTE = 1
 INSUFFICIENT_FUNDS_ERROR = "088"
 
 
@@ -44,10 +55,24 @@ class Session:
     carrier: SimCarrier
     writer: asyncio.StreamWriter
     sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # receipts sent on this session and not yet acknowledged, by sequence number
+    unacked: dict[int, DeliverSm] = field(default_factory=dict)
 
     async def send(self, message: SmppMessage) -> None:
         self.writer.write(message.pdu())
         await self.writer.drain()
+
+
+@dataclass
+class Message:
+    """The SMSC's own record of a message it took, for query_sm."""
+
+    carrier_id: str
+    source: str
+    stat: str
+    err: str
+    final_at: float  # time.monotonic() when it reaches its final state
+    final_date: str  # SMPP absolute time of that
 
 
 def receipt_text(carrier: SimCarrier, message_id: str, stat: str, err: str, text: str) -> str:
@@ -60,6 +85,28 @@ def receipt_text(carrier: SimCarrier, message_id: str, stat: str, err: str, text
             f"stat:{stat} err:{err} text:{text[:20].encode('ascii', 'replace').decode()}")
 
 
+def _c_string(pdu: bytes, start: int) -> tuple[str, int]:
+    end = pdu.index(b"\x00", start)
+    return pdu[start:end].decode("ascii"), end + 1
+
+
+def parse_query_sm(pdu: bytes) -> tuple[str, str]:
+    """(message_id, source_addr) of a query_sm PDU (SMPP 3.4 section 4.8.1)."""
+    message_id, index = _c_string(pdu, 16)
+    source, _ = _c_string(pdu, index + 2)  # after source_addr_ton and source_addr_npi
+    return message_id, source
+
+
+def query_sm_resp(sequence: int, status: SmppCommandStatus, message_id: str = "",
+                  final_date: str = "", state: int = 0, error: int = 0) -> bytes:
+    """A query_sm_resp PDU (SMPP 3.4 section 4.8.2); an error answer has no body."""
+    body = b"" if status != SmppCommandStatus.ESME_ROK else (
+        message_id.encode("ascii") + b"\x00" + final_date.encode("ascii") + b"\x00"
+        + struct.pack("!BB", state, error))
+    return struct.pack("!IIII", 16 + len(body), SmppCommand.QUERY_SM_RESP, status,
+                       sequence) + body
+
+
 class Smsc:
     def __init__(self, core: SimulatorCore, tariffs: dict[str, dict[str, Decimal]]) -> None:
         self.core = core
@@ -67,6 +114,9 @@ class Smsc:
         self.tariffs = tariffs
         self.sessions: dict[str, Session] = {}
         self.queued: dict[str, list[DeliverSm]] = {}
+        # message id -> what query_sm answers; message ids of this run start with the epoch
+        self.messages: dict[str, Message] = {}
+        self.epoch = pysecrets.token_hex(4)
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
@@ -100,6 +150,11 @@ class Smsc:
                                              command_status=SmppCommandStatus.ESME_RINVBNDSTS).pdu())
                 elif header.smpp_command == SmppCommand.SUBMIT_SM:
                     await self._submit(session, SubmitSm.from_pdu(pdu, header))
+                elif header.smpp_command == SmppCommand.DELIVER_SM_RESP:
+                    self._acknowledged(session, header.sequence_num, header.command_status)
+                elif header.smpp_command == SmppCommand.QUERY_SM:
+                    writer.write(self._query(session, pdu, header.sequence_num))
+                    await writer.drain()
                 elif header.smpp_command == SmppCommand.ENQUIRE_LINK:
                     await session.send(EnquireLinkResp(sequence_num=header.sequence_num))
                 elif header.smpp_command == SmppCommand.UNBIND:
@@ -111,9 +166,19 @@ class Smsc:
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
         finally:
-            if session is not None and self.sessions.get(session.carrier.carrier_id) is session:
-                del self.sessions[session.carrier.carrier_id]
             writer.close()
+            if session is not None:
+                if self.sessions.get(session.carrier.carrier_id) is session:
+                    del self.sessions[session.carrier.carrier_id]
+                # never acknowledged: the ESME may not have them; offer them again
+                for receipt in self._take_unacked(session):
+                    await self._deliver(session.carrier.carrier_id, receipt)
+
+    @staticmethod
+    def _take_unacked(session: Session) -> list[DeliverSm]:
+        receipts = [session.unacked[s] for s in sorted(session.unacked)]
+        session.unacked.clear()
+        return receipts
 
     async def _bind(self, bind: BindTransceiver, writer: asyncio.StreamWriter) -> Session | None:
         carrier = next((c for c in self.core.carriers.values() if c.protocol == PROTOCOL
@@ -123,13 +188,78 @@ class Smsc:
                                              command_status=SmppCommandStatus.ESME_RINVPASWD).pdu())
             await writer.drain()
             return None
+        pending: list[DeliverSm] = []
+        old = self.sessions.get(carrier.carrier_id)
+        if old is not None:  # one session per carrier: the newest bind replaces the old one
+            pending = self._take_unacked(old)
+            old.writer.close()
         session = Session(carrier, writer)
         self.sessions[carrier.carrier_id] = session
         await session.send(BindTransceiverResp(system_id="SIMSMSC", sequence_num=bind.sequence_num))
-        for receipt in self.queued.pop(carrier.carrier_id, []):  # kept while nobody was bound
-            receipt.sequence_num = next(session.sequence)
-            await session.send(receipt)
+        # kept while nobody was bound, or sent and never acknowledged
+        pending += self.queued.pop(carrier.carrier_id, [])
+        for receipt in pending:
+            await self._deliver(carrier.carrier_id, receipt)
         return session
+
+    def _acknowledged(self, session: Session, sequence: int, status: SmppCommandStatus) -> None:
+        receipt = session.unacked.pop(sequence, None)
+        if receipt is not None and status != SmppCommandStatus.ESME_ROK:
+            # the ESME could not take it now: offer it again a little later
+            self._later(self._deliver(session.carrier.carrier_id, receipt,
+                                      REDELIVERY_DELAY_SECONDS))
+
+    async def _deliver(self, carrier_id: str, receipt: DeliverSm, delay: float = 0.0) -> None:
+        """Sends a receipt on the carrier's bound session, or keeps it until one binds."""
+        if delay:
+            await asyncio.sleep(delay)
+        session = self.sessions.get(carrier_id)
+        if session is None or session.writer.is_closing():
+            self.queued.setdefault(carrier_id, []).append(receipt)
+            return
+        sequence = next(session.sequence)
+        receipt.sequence_num = sequence
+        session.unacked[sequence] = receipt
+        try:
+            await session.send(receipt)
+        except (ConnectionError, RuntimeError):
+            # if the session's own clean-up has not taken it back yet, keep it here
+            if session.unacked.pop(sequence, None) is not None:
+                self.queued.setdefault(carrier_id, []).append(receipt)
+
+    def _query(self, session: Session, pdu: bytes, sequence: int) -> bytes:
+        """query_sm: the state of a message this carrier submitted."""
+        try:
+            message_id, source = parse_query_sm(pdu)
+        except (ValueError, UnicodeDecodeError):
+            return bytes(GenericNack(sequence_num=sequence,
+                                     command_status=SmppCommandStatus.ESME_RINVCMDLEN).pdu())
+        carrier_id = session.carrier.carrier_id
+        message = self.messages.get(message_id)
+        if message is None or message.carrier_id != carrier_id:
+            if message_id.startswith(self.epoch):  # one of this run's ids, not this carrier's
+                return query_sm_resp(sequence, SmppCommandStatus.ESME_RINVMSGID)
+            if self._debited(carrier_id, message_id):  # from before a restart: the books know
+                return query_sm_resp(sequence, SmppCommandStatus.ESME_ROK, message_id, "",
+                                     STATE_CODES["DELIVRD"], 0)
+            # from before a restart and not debited: whether it was ever taken is not known
+            return query_sm_resp(sequence, SmppCommandStatus.ESME_RQUERYFAIL)
+        if source and source != message.source:
+            return query_sm_resp(sequence, SmppCommandStatus.ESME_RQUERYFAIL)
+        if time.monotonic() < message.final_at:
+            return query_sm_resp(sequence, SmppCommandStatus.ESME_ROK, message_id, "", ENROUTE)
+        return query_sm_resp(sequence, SmppCommandStatus.ESME_ROK, message_id, message.final_date,
+                             STATE_CODES[message.stat], int(message.err))
+
+    def _debited(self, carrier_id: str, message_id: str) -> bool:
+        """Whether the books hold the debit for a message (they may outlive this process)."""
+        book = self.core.books.get(carrier_id)
+        if book is None:
+            return False
+        transactions = book.snapshot()["transactions"]
+        assert isinstance(transactions, list)
+        return any(t["clientCorrelator"] == f"smpp-{message_id}" and t["kind"] == "charge"
+                   for t in transactions)
 
     async def _submit(self, session: Session, submit: SubmitSm) -> None:
         carrier = session.carrier
@@ -153,7 +283,7 @@ class Smsc:
             answer.command_status = SmppCommandStatus.ESME_RINVSRCADR  # not a premium short code
             await session.send(answer)
             return
-        message_id = pysecrets.token_hex(8)
+        message_id = self.epoch + pysecrets.token_hex(6)
         answer.message_id = message_id
         stat, err = "DELIVRD", "000"
         if price is not None:
@@ -164,8 +294,13 @@ class Smsc:
                                                           submit.source.number)
             except InsufficientFunds:
                 stat, err = "REJECTD", INSUFFICIENT_FUNDS_ERROR
+        self.messages[message_id] = Message(
+            carrier.carrier_id, submit.source.number, stat, err,
+            time.monotonic() + RECEIPT_DELAY_SECONDS,
+            datetime.now(UTC).strftime("%y%m%d%H%M%S") + "000+")
         reference = next((p.value for p in submit.optional_params or []
                           if p.tag == USER_MESSAGE_REFERENCE), None)
+        # no_callback: the message reaches its final state, but no receipt ever says so
         copies = {"no_callback": 0, "duplicate_callback": 2}.get(kind, 1)
         if submit.registered_delivery:
             for _ in range(copies):
@@ -196,12 +331,4 @@ class Smsc:
             short_message=receipt_text(carrier, message_id, stat, err, submit.short_message),
             source=PhoneNumber(msisdn.lstrip("+")), destination=submit.source,
             esm_class=0b00000100, registered_delivery=0, optional_params=params)
-        session = self.sessions.get(carrier.carrier_id)
-        if session is None:
-            self.queued.setdefault(carrier.carrier_id, []).append(receipt)
-            return
-        receipt.sequence_num = next(session.sequence)
-        try:
-            await session.send(receipt)
-        except (ConnectionError, RuntimeError):
-            self.queued.setdefault(carrier.carrier_id, []).append(receipt)
+        await self._deliver(carrier.carrier_id, receipt)
