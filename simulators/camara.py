@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from carriers.camara import sink_token
 from simulators.books import InsufficientFunds, RefundRefused
 from simulators.core import (
     SimCarrier,
@@ -179,7 +180,7 @@ class CamaraOperator:
             other = self.core.other_carrier(carrier)
             if other is not None:
                 sink = retarget(sink, carrier.carrier_id, other.carrier_id)
-                token = other.callback_secret
+                token = sink_token(other.callback_secret, sink.rsplit("/", 1)[-1])
         copies = {"no_callback": 0, "duplicate_callback": 2}.get(fault_kind, 1)
         event = self._event(kind, data)
         for _ in range(copies):
@@ -215,7 +216,9 @@ class CamaraOperator:
              if p.carrier_id == carrier.carrier_id and p.transaction.get("_sink_url")), None)
         if known and not payment:  # another key's sink: the key is the last path segment
             known = f"{str(known).rsplit('/', 1)[0]}/{key}"
-        url, token = self.core.callback_target(carrier, request, known)
+        url, secret = self.core.callback_target(carrier, request, known)
+        # a sink credential is per operation (carriers.camara.sink_token); "secret" is used as is
+        token = str(request["secret"]) if request.get("secret") else sink_token(secret, key)
         payment_id = payment.payment_id if payment else f"{carrier.carrier_id}-pay-forged"
         kind = ("carrier-billing.v0.payment-completed" if request["outcome"] == "success"
                 else "carrier-billing.v0.payment-denied")

@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from carriers.auth import HmacRequestSigner, JwtBodySigner, callback_signature
+from carriers.camara import sink_token
 from carriers.dev_secrets import generate_dev_secrets
 from carriers.loader import default_registry
 from carriers.parlayx import sp_password
@@ -187,7 +188,7 @@ class Sim:
         if sink:
             body["sink"] = sink
             body["sinkCredential"] = {"credentialType": "ACCESSTOKEN",
-                                      "accessToken": carrier.callback_secret,
+                                      "accessToken": sink_token(carrier.callback_secret, key),
                                       "accessTokenType": "bearer"}
         return body
 
@@ -585,9 +586,11 @@ async def test_camara_forged_and_foreign_events() -> None:
                                   f"{rec.url}/callbacks/{CAMARA}/{forged_key}")
         assert (await sim.camara(CAMARA, "POST", "payments", body)).status_code == 201
         forged, genuine = await rec.wait_for(2)
-        assert forged.headers["Authorization"] != f"Bearer {carrier.callback_secret}"
+        assert forged.headers["Authorization"] != (
+            f"Bearer {sink_token(carrier.callback_secret, forged_key)}")
         assert json.loads(forged.body)["data"]["status"] == "denied"
-        assert genuine.headers["Authorization"] == f"Bearer {carrier.callback_secret}"
+        assert genuine.headers["Authorization"] == (
+            f"Bearer {sink_token(carrier.callback_secret, forged_key)}")
         assert json.loads(genuine.body)["data"]["status"] == "succeeded"
 
         await sim.fault(CAMARA, "foreign_callback", msisdn=msisdn)
@@ -596,7 +599,8 @@ async def test_camara_forged_and_foreign_events() -> None:
         assert (await sim.camara(CAMARA, "POST", "payments", body)).status_code == 201
         received = await rec.wait_for(3)
         assert received[2].path == f"/callbacks/{other.carrier_id}/{foreign_key}"
-        assert received[2].headers["Authorization"] == f"Bearer {other.callback_secret}"
+        assert received[2].headers["Authorization"] == (
+            f"Bearer {sink_token(other.callback_secret, foreign_key)}")
 
 
 async def test_control_callback_sends_what_it_is_told() -> None:
