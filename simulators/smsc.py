@@ -228,13 +228,19 @@ class Smsc:
                 self.queued.setdefault(carrier_id, []).append(receipt)
 
     def _query(self, session: Session, pdu: bytes, sequence: int) -> bytes:
-        """query_sm: the state of a message this carrier submitted."""
+        """query_sm: the state of a message this carrier submitted (an SMSC whose carrier
+        does not promise look-ups does not know the command)."""
+        if not session.carrier.status_lookup:
+            return bytes(GenericNack(sequence_num=sequence,
+                                     command_status=SmppCommandStatus.ESME_RINVCMDID).pdu())
         try:
             message_id, source = parse_query_sm(pdu)
         except (ValueError, UnicodeDecodeError):
             return bytes(GenericNack(sequence_num=sequence,
                                      command_status=SmppCommandStatus.ESME_RINVCMDLEN).pdu())
         carrier_id = session.carrier.carrier_id
+        if self.core.take_lookup_fault(carrier_id) is not None or self.core.unavailable(carrier_id):
+            return query_sm_resp(sequence, SmppCommandStatus.ESME_RQUERYFAIL)
         message = self.messages.get(message_id)
         if message is None or message.carrier_id != carrier_id:
             if message_id.startswith(self.epoch):  # one of this run's ids, not this carrier's
@@ -254,12 +260,8 @@ class Smsc:
     def _debited(self, carrier_id: str, message_id: str) -> bool:
         """Whether the books hold the debit for a message (they may outlive this process)."""
         book = self.core.books.get(carrier_id)
-        if book is None:
-            return False
-        transactions = book.snapshot()["transactions"]
-        assert isinstance(transactions, list)
-        return any(t["clientCorrelator"] == f"smpp-{message_id}" and t["kind"] == "charge"
-                   for t in transactions)
+        found = book.find(f"smpp-{message_id}") if book is not None else None
+        return found is not None and found.kind == "charge"
 
     async def _submit(self, session: Session, submit: SubmitSm) -> None:
         carrier = session.carrier
@@ -290,13 +292,15 @@ class Smsc:
             try:
                 if kind == "insufficient_funds":
                     raise InsufficientFunds()
-                self.core.books[carrier.carrier_id].charge(msisdn, price, f"smpp-{message_id}",
-                                                          submit.source.number)
+                self.core.books[carrier.carrier_id].charge(
+                    msisdn, price, f"smpp-{message_id}", submit.source.number,
+                    visible_at=fault.visible_at() if fault else 0.0)
             except InsufficientFunds:
                 stat, err = "REJECTD", INSUFFICIENT_FUNDS_ERROR
+        # late_callback: the receipt (and the final state query_sm sees) come only later
+        delay = RECEIPT_DELAY_SECONDS + (fault.delay if fault and kind == "late_callback" else 0)
         self.messages[message_id] = Message(
-            carrier.carrier_id, submit.source.number, stat, err,
-            time.monotonic() + RECEIPT_DELAY_SECONDS,
+            carrier.carrier_id, submit.source.number, stat, err, time.monotonic() + delay,
             datetime.now(UTC).strftime("%y%m%d%H%M%S") + "000+")
         reference = next((p.value for p in submit.optional_params or []
                           if p.tag == USER_MESSAGE_REFERENCE), None)
@@ -305,7 +309,7 @@ class Smsc:
         if submit.registered_delivery:
             for _ in range(copies):
                 self._later(self._receipt(carrier, msisdn, submit, message_id, stat, err,
-                                          reference))
+                                          reference, delay))
         if kind == "timeout_after_debit" and fault:
             self._later(self._answer_late(session, answer, fault.delay))
             return
@@ -321,8 +325,8 @@ class Smsc:
             await session.send(answer)
 
     async def _receipt(self, carrier: SimCarrier, msisdn: str, submit: SubmitSm, message_id: str,
-                       stat: str, err: str, reference: object) -> None:
-        await asyncio.sleep(RECEIPT_DELAY_SECONDS)
+                       stat: str, err: str, reference: object, delay: float) -> None:
+        await asyncio.sleep(delay)
         params = [OptionalParam(RECEIPTED_MESSAGE_ID, message_id),
                   OptionalParam(MESSAGE_STATE, STATE_CODES[stat])]
         if isinstance(reference, int):
