@@ -40,6 +40,9 @@ class Settings(BaseSettings):
 
     carrier_timeout_seconds: float = 10.0
     max_concurrent_activities: int = 200
+    # each carrier's own queue: its slots, and how many long polls wait on it
+    max_concurrent_activities_per_carrier: int = 20
+    activity_pollers_per_carrier: int = 2
     max_concurrent_workflow_tasks: int = 200
 
     opensearch_url: str | None = None

@@ -24,7 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.messages import RefundOutput, key_prefix, refund_key
 from carriers.base import Capability
 from carriers.factory import adapter_class
-from carriers.loader import Registry, default_registry
+from carriers.loader import Registry, carrier_task_queue, default_registry
 from models import ledger
 from models.db import make_engine
 from models.money import MoneyError, exponent, from_decimal
@@ -205,6 +205,8 @@ class SubscriptionClient:
             first_charge_at=request.first_charge_at,
             cycles_per_run=request.cycles_per_run,
             key_prefix=prefix,
+            carrier_task_queue=carrier_task_queue(self.task_queue,
+                                                  self.registry.carriers[carrier.id]),
         )
         try:
             await self.client.start_workflow(
@@ -309,7 +311,8 @@ class SubscriptionClient:
         return await self.client.execute_workflow(
             RefundWorkflow.run,
             RefundRequestInput(subscription_id, cycle, reason, carrier.settle_delays(),
-                               carrier_id, key, carrier.settle_deadline_seconds),
+                               carrier_id, key, carrier.settle_deadline_seconds,
+                               carrier_task_queue(self.task_queue, carrier)),
             id=refund_workflow_id(subscription_id, cycle),
             task_queue=self.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
+from contextlib import AsyncExitStack
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
-from carriers.loader import Registry, default_registry
+from carriers.loader import Registry, carrier_task_queue, default_registry
 from carriers.pool import AdapterPool
 from models.db import make_engine, migrate, setup_lock
 from models.interactions import InteractionStore
@@ -43,20 +44,53 @@ def make_adapter_pool(registry: Registry, settings: Settings, engine: Engine,
     return AdapterPool(registry, settings, interactions, SubmissionStore(engine), relay.relay)
 
 
+class WorkerGroup:
+    """The workflow worker and one activity worker per carrier task queue, run together, so a
+    slow carrier fills its own slots only and each carrier's rate limit holds across workers."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> WorkerGroup:
+        for worker in self.workers:
+            await self._stack.enter_async_context(worker)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+
 def build_worker(
     client: Client, settings: Settings, engine: Engine, adapters: AdapterPool,
     registry: Registry | None = None,
-) -> Worker:
-    activities = BillingActivities(engine, adapters, registry or default_registry(),
-                                   settings.deployment_id)
-    return Worker(
+) -> WorkerGroup:
+    registry = registry or default_registry()
+    activities = BillingActivities(engine, adapters, registry, settings.deployment_id)
+    workers = [Worker(
         client,
         task_queue=settings.task_queue,
         workflows=WORKFLOWS,
         activities=activities.all(),
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-    )
+    )]
+    queues: dict[str, float] = {}
+    for carrier in registry.carriers.values():
+        queue = carrier_task_queue(settings.task_queue, carrier)
+        # carriers sharing a group share its lowest declared rate
+        queues[queue] = min(queues.get(queue, carrier.rate_limit_per_second),
+                            carrier.rate_limit_per_second)
+    for queue, rate in sorted(queues.items()):
+        workers.append(Worker(
+            client,
+            task_queue=queue,
+            activities=activities.carrier_calls(),
+            max_concurrent_activities=settings.max_concurrent_activities_per_carrier,
+            max_concurrent_activity_task_polls=settings.activity_pollers_per_carrier,
+            max_task_queue_activities_per_second=rate,
+        ))
+    return WorkerGroup(workers)
 
 
 async def run_worker(settings: Settings) -> None:
@@ -71,7 +105,8 @@ async def run_worker(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with build_worker(client, settings, engine, adapters, registry):
-            logging.info("worker polling %s on %s", settings.task_queue, settings.temporal_address)
+            logging.info("worker polling %s and its carrier queues on %s", settings.task_queue,
+                         settings.temporal_address)
             await stop.wait()
             logging.info("worker stopping: finishing the tasks in hand")
     finally:

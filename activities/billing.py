@@ -392,6 +392,10 @@ class BillingActivities:
         return [self.charge_subscription, self.record_subscription_status, self.refund_charge,
                 self.record_unsettled_operation, self.settle_unsettled_operation]
 
+    def carrier_calls(self) -> list[Callable[..., Any]]:
+        """What runs on a carrier's own task queue: the calls that wait on that carrier."""
+        return [self.charge_subscription, self.refund_charge]
+
 
 def _workflow_id() -> str:
     workflow_id = activity.info().workflow_id

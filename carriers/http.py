@@ -52,13 +52,15 @@ def retry_after(reply: HttpReply) -> float | None:
 
 
 def refusal(reply: HttpReply) -> OperationResult | None:
-    """What a status code alone says, alike for every HTTP carrier: busy (429/503: nothing
-    was done, retry later) or not authorised (401/403: permanent for this request)."""
+    """What a status code alone says, alike for every HTTP carrier: busy (429/503) or not
+    authorised (401/403). Neither did anything, and neither is the subscriber's doing: a
+    rotated or expired credential is fixed by an operator, then the same request goes through,
+    so both are transient (activities make credential refusals loud)."""
     if reply.status_code in (429, 503):
         return OperationResult(outcome=Outcome.TRANSIENT, carrier_code=str(reply.status_code),
                                message="carrier busy", retry_after_seconds=retry_after(reply))
     if reply.status_code in (401, 403):
-        return OperationResult(outcome=Outcome.REJECTED, carrier_code=str(reply.status_code),
+        return OperationResult(outcome=Outcome.TRANSIENT, carrier_code=str(reply.status_code),
                                message="credentials refused")
     return None
 
@@ -146,8 +148,10 @@ class HttpTransport:
             result = mapper(reply)
         except TokenError as exc:
             error = f"TokenError: {exc}"
-            outcome = Outcome.REJECTED if exc.permanent else Outcome.TRANSIENT
-            result = OperationResult(outcome=outcome, carrier_code="AUTH", message=str(exc))
+            # a token refused or not issued: nothing was sent to the payment API
+            code = "AUTH" if exc.permanent else None
+            result = OperationResult(outcome=Outcome.TRANSIENT, carrier_code=code,
+                                     message=str(exc))
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             error = f"{type(exc).__name__}: {exc}"
             result = OperationResult(outcome=Outcome.TRANSIENT, message=f"not sent: {error}")

@@ -155,6 +155,9 @@ class CarrierConfig(_Strict):
     settle_deadline_seconds: float = Field(default=2 * 86400.0, gt=0)
     smpp: SmppConfig | None = None
     timeout_seconds: float = Field(default=10.0, gt=0)
+    # the carrier's calls run on their own task queue, so a slow carrier holds its own slots
+    # only; carriers naming one group share it. The rate limit applies to the whole queue.
+    task_queue_group: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$")
     rate_limit_per_second: float = Field(default=50.0, gt=0)
     price_points: list[PricePointConfig] = Field(default_factory=list)
 
@@ -199,6 +202,11 @@ class CarrierConfig(_Strict):
             if not prefix.startswith("+") or not prefix[1:].isdigit():
                 raise ValueError(f"number prefix {prefix!r} must be '+' and digits")
         return value
+
+
+def carrier_task_queue(base: str, carrier: CarrierConfig) -> str:
+    """The task queue a carrier's charges and refunds run on."""
+    return f"{base}.carrier.{carrier.task_queue_group or carrier.id}"
 
 
 class RegistryFile(_Strict):

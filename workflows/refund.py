@@ -47,6 +47,7 @@ class RefundWorkflow:
         async def attempt(report: CarrierReport | None, summary: str) -> RefundOutput:
             return await workflow.execute_activity_method(
                 BillingActivities.refund_charge, replace(refund, reported=report),
+                task_queue=request.carrier_task_queue,
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=timedelta(minutes=5),
                 retry_policy=REFUND_RETRY, summary=summary)

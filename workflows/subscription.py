@@ -220,6 +220,7 @@ class SubscriptionWorkflow:
             charge.reported = report
             return await workflow.execute_activity_method(
                 BillingActivities.charge_subscription, charge,
+                task_queue=self._input.carrier_task_queue,
                 start_to_close_timeout=CHARGE_TIMEOUT,
                 schedule_to_close_timeout=CHARGE_SCHEDULE_TO_CLOSE,
                 retry_policy=CHARGE_RETRY, summary=summary)

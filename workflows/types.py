@@ -67,6 +67,8 @@ class SubscriptionInput:
     cycles_per_run: int = 24
     # "<deployment>-<subscription token>": the start of every idempotency key it sends
     key_prefix: str | None = None
+    # the carrier's own task queue for its calls (None: the workflow's queue)
+    carrier_task_queue: str | None = None
     # set only when continuing as new
     state: BillingState | None = None
 
@@ -80,3 +82,4 @@ class RefundRequestInput:
     carrier_id: str = ""
     idempotency_key: str | None = None
     settle_deadline_seconds: float = 2 * 86400.0
+    carrier_task_queue: str | None = None
