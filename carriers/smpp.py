@@ -76,6 +76,8 @@ _BAD_LOGIN = {SmppCommandStatus.ESME_RINVPASWD, SmppCommandStatus.ESME_RINVSYSID
               SmppCommandStatus.ESME_RBINDFAIL}
 # how long a receipt may wait for the database before it is left unacknowledged
 _STORE_ATTEMPTS, _STORE_RETRY_SECONDS = 3, 0.2
+# how long a receipt the relay could not take holds the session before it is dropped
+_RELAY_RETRY_SECONDS = 1.0
 
 ReceiptSink = Callable[[CarrierReport, InteractionRecord], Awaitable[Any]]
 T = TypeVar("T")
@@ -184,9 +186,9 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 class ReceiptNotStored(ConnectionResetError):
-    """Raised from the receive hook when a receipt could not be stored: aiosmpplib then drops
-    the session without acknowledging it, and the SMSC delivers it again on the next bind.
-    (A ConnectionError is what the library expects from a broken session and recovers from.)"""
+    """Raised from the receive hook when a receipt could not be stored or relayed: aiosmpplib
+    then drops the session without acknowledging it, and the SMSC delivers it again on the
+    next bind. (A ConnectionError is what the library expects from a broken session and recovers from.)"""
 
 
 class SmppAdapter(CarrierAdapter, AbstractHook):
@@ -380,7 +382,8 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
             delivered = state in self._config.delivered_states
             row = await self._durably(lambda: self._store.settled(
                 row_id, delivered, message_id, state, error), "receipt")
-        # stored: from here on the receipt may be acknowledged, whatever happens to the relay
+        # stored: a status look-up finds it from here on. The relay must take it too before it
+        # is acknowledged (a relay that raises could not hand it on: Temporal out of reach)
         result = self._outcome(row)
         report = CarrierReport(idempotency_key=row.idempotency_key, outcome=result.outcome.value,
                                carrier_reference=result.carrier_reference,
@@ -388,8 +391,11 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
         try:
             await self._on_receipt(report, self._record("receipt", row.idempotency_key, summary,
                                                         "", result.outcome.value, started))
-        except Exception as exc:  # the row holds the result: the workflow's status look-up finds it
-            log.error("receipt for %s not relayed: %s", row.idempotency_key, type(exc).__name__)
+        except Exception as exc:
+            log.error("receipt for %s not relayed: %s; left unacknowledged for redelivery",
+                      row.idempotency_key, type(exc).__name__)
+            await asyncio.sleep(_RELAY_RETRY_SECONDS)  # the redelivery comes no faster
+            raise ReceiptNotStored("receipt not relayed") from None
 
     def _record(self, operation: str, key: str, request: str, response: str, outcome: str,
                 started: float, error: str | None = None) -> InteractionRecord:

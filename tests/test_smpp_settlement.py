@@ -352,3 +352,36 @@ async def test_aiosmpplib_logs_carry_no_msisdn(
     assert digits not in everything
     assert digits.encode().hex() not in everything
     assert digits[2:9] not in everything  # not even a long part of it
+
+
+class FlakyRelay(Collected):
+    """A relay that cannot hand the first receipt on (Temporal out of reach), then can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    async def relay(self, report: CarrierReport, record: InteractionRecord) -> str:
+        if self.failures == 0:
+            self.failures += 1
+            raise ConnectionRefusedError("temporal unreachable")
+        return await super().relay(report, record)
+
+
+async def test_a_receipt_the_relay_could_not_take_is_delivered_again(
+    make_adapter: AdapterFactory, simulator: Simulator, engine: Engine,
+) -> None:
+    msisdn, request = await prepared(simulator, KV_CARRIER)
+    relay = FlakyRelay()
+    adapter = make_adapter(KV_CARRIER, collected=relay)
+    assert (await adapter.charge(request)).outcome is Outcome.PENDING
+
+    async def relayed() -> bool:
+        return any(r.idempotency_key == request.idempotency_key for r in relay.reports)
+
+    # the session drops without acknowledging it, the adapter binds again, the SMSC resends
+    await eventually(relayed, 10)
+    assert relay.failures == 1
+    row = await SubmissionStore(engine).get(KV_CARRIER.id, request.idempotency_key)
+    assert row is not None and row.state == "delivered"
+    assert await debits(simulator, KV_CARRIER, msisdn) == 1
