@@ -21,11 +21,17 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.messages import RefundOutput, key_prefix, refund_key
+from activities.messages import (
+    LateSettlementInput,
+    LateSettlementOutput,
+    RefundOutput,
+    key_prefix,
+    refund_key,
+)
 from carriers.base import Capability
 from carriers.factory import adapter_class
 from carriers.loader import Registry, carrier_task_queue, default_registry
-from models import ledger
+from models import ledger, operations
 from models.db import make_engine
 from models.money import MoneyError, exponent, from_decimal
 from models.msisdn import MsisdnError, normalize_msisdn
@@ -40,6 +46,7 @@ from models.tables import (
 )
 from settings import Settings, get_settings
 from workflows import search_attributes as sa
+from workflows.late_settlement import LateSettlementWorkflow, late_settlement_id
 from workflows.refund import RefundWorkflow, refund_workflow_id
 from workflows.subscription import SubscriptionWorkflow
 from workflows.types import BillingState, Plan, RefundRequestInput, SubscriptionInput
@@ -302,6 +309,19 @@ class SubscriptionClient:
             return charge.carrier_id, refund_key(
                 key_prefix(self.deployment_id, subscription.key_token), cycle)
 
+    async def unsettled(self, carrier_id: str | None = None) -> list[UnsettledOperation]:
+        """Charges and refunds that may have moved money and have no final answer: each
+        waits for a late result from its carrier, an operator's settle, or reconciliation."""
+        return await asyncio.to_thread(_unsettled, self.engine, carrier_id)
+
+    async def settle(self, idempotency_key: str) -> LateSettlementOutput:
+        """Asks the carrier again about one unsettled operation (a look-up; never a send)."""
+        return await self.client.execute_workflow(
+            LateSettlementWorkflow.run, LateSettlementInput(idempotency_key),
+            id=late_settlement_id(idempotency_key), task_queue=self.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            static_summary=f"settle {idempotency_key} on an operator's request")
+
     async def refund(
         self, subscription_id: int, cycle: int, reason: str = "customer refund"
     ) -> RefundOutput:
@@ -317,6 +337,30 @@ class SubscriptionClient:
             task_queue=self.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
+
+
+class UnsettledOperation(BaseModel):
+    idempotency_key: str
+    kind: str
+    carrier_id: str
+    subscription_id: int
+    cycle: int
+    amount_minor: int
+    currency: str
+    sends: int
+    reported_outcome: str | None
+    reason: str | None
+    since: datetime
+
+
+def _unsettled(engine: Engine, carrier_id: str | None) -> list[UnsettledOperation]:
+    with Session(engine) as session:
+        return [UnsettledOperation(
+            idempotency_key=o.idempotency_key, kind=o.kind, carrier_id=o.carrier_id,
+            subscription_id=o.subscription_id, cycle=o.cycle, amount_minor=o.amount_minor,
+            currency=o.currency, sends=o.sends, reported_outcome=o.reported_outcome,
+            reason=o.unsettled_reason, since=o.updated_at)
+            for o in operations.unsettled(session, carrier_id)]
 
 
 def _parse_amount(text: str, currency: str) -> int:
@@ -341,6 +385,10 @@ async def _cli(args: argparse.Namespace) -> Any:
         return (await client.describe_subscription(args.subscription_id)).model_dump()
     if args.command == "refund":
         return asdict(await client.refund(args.subscription_id, args.cycle, args.reason))
+    if args.command == "unsettled":
+        return [o.model_dump() for o in await client.unsettled(args.carrier)]
+    if args.command == "settle":
+        return asdict(await client.settle(args.key))
     raise AssertionError(args.command)
 
 
@@ -360,6 +408,11 @@ def main() -> None:
     refund.add_argument("subscription_id", type=int)
     refund.add_argument("cycle", type=int)
     refund.add_argument("--reason", default="customer refund")
+    unsettled = commands.add_parser(
+        "unsettled", help="operations that may have moved money and have no final answer")
+    unsettled.add_argument("--carrier")
+    commands.add_parser(
+        "settle", help="look one unsettled operation up again (never sends)").add_argument("key")
     args = parser.parse_args()
     try:
         result = asyncio.run(_cli(args))

@@ -218,12 +218,13 @@ class BillingActivities:
                    reported: CarrierReport | None, may_send: bool = True
                    ) -> tuple[OperationResult, CarrierOperation, str | None]:
         with _configuration_errors():
+            # a carrier we cannot call is found out before anything is recorded or sent
+            adapter = self._adapters.get(spec.carrier_id)
             context = await asyncio.to_thread(self._begin, spec, subscriber_id)
             operation = context.operation
             earlier = self._settled_answer(operation, context.ledger_entry)
             if earlier is not None:
                 return earlier, operation, context.original_reference
-            adapter = self._adapters.get(spec.carrier_id)
             msisdn, original = context.msisdn, context.original_reference
             if context.may_send and may_send:
                 result = await send(msisdn, original)
@@ -358,7 +359,7 @@ class BillingActivities:
         """Settles a listed operation by a late pushed result or a look-up. Never sends."""
         operation = await asyncio.to_thread(self._load, request.idempotency_key)
         if operation.state not in (OperationState.UNSETTLED, OperationState.SETTLED):
-            return LateSettlementOutput(operation.idempotency_key, operation.state.value,
+            return LateSettlementOutput(operation.idempotency_key, OperationState(operation.state).value,
                                         message="its workflow is still settling it")
         spec = OperationSpec(
             idempotency_key=operation.idempotency_key, kind=LedgerKind(operation.kind),
@@ -379,7 +380,7 @@ class BillingActivities:
             with _configuration_errors():
                 await asyncio.to_thread(self._conclude, operation, result, refunds_entry_id)
         settled = await asyncio.to_thread(self._load, request.idempotency_key)
-        return LateSettlementOutput(settled.idempotency_key, settled.state.value,
+        return LateSettlementOutput(settled.idempotency_key, OperationState(settled.state).value,
                                     settled.outcome, settled.carrier_reference, result.message,
                                     settled.workflow_id)
 

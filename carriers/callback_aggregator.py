@@ -21,6 +21,7 @@ from carriers.base import (
     RefundRequest,
 )
 from carriers.http import HttpReply, HttpTransport
+from carriers.redaction import redact
 from carriers.reports import CallbackRejected, CarrierReport
 from models.money import format_major
 
@@ -44,7 +45,7 @@ def outcome_of(body: dict[str, Any]) -> OperationResult:
         reason = str(body.get("reason", ""))
         return OperationResult(outcome=_FAILURES.get(reason, Outcome.REJECTED),
                                carrier_code=reason)
-    return OperationResult(outcome=Outcome.UNKNOWN, message=f"status {status!r}")
+    return OperationResult(outcome=Outcome.UNKNOWN, message=redact(f"status {status!r}"))
 
 
 def map_reply(reply: HttpReply) -> OperationResult:

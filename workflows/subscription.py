@@ -52,7 +52,7 @@ class SubscriptionWorkflow:
         self._input = subscription
         self._settler = OperationSettler()
         self._cancel_recorded: asyncio.Task[None] | None = None
-        self._config_issue = False
+        self._transient_issue: str | None = None
         if subscription.state is not None:
             self._state = subscription.state
         else:
@@ -180,10 +180,11 @@ class SubscriptionWorkflow:
             settled = await self._charge(charge,
                                          f"charge cycle {cycle} attempt {attempts}: {price}")
             if settled.kind in ("unsettled", "error"):
-                # money may have moved: no new key, no failure count; listed for operators
+                # money may have moved: no new key, no failure count; listed for operators.
+                # (an error of ours: the operation, if it was recorded at all, is listed too)
                 await self._leave_unsettled(charge.idempotency_key, settled.reason,
                                             settled.kind == "error")
-                self._remember(CycleResult(cycle, due, "unsettled", attempts, None,
+                self._remember(CycleResult(cycle, due, settled.kind, attempts, None,
                                            settled.result.carrier_code if settled.result
                                            else None))
                 self._set_status(ACTIVE)
@@ -236,10 +237,12 @@ class SubscriptionWorkflow:
         await workflow.execute_activity_method(
             BillingActivities.record_unsettled_operation, UnsettledInput(key, reason),
             start_to_close_timeout=timedelta(seconds=30), summary=f"list {key} as unsettled")
-        keys = self._state.unsettled_keys
-        keys.append(key)
-        del keys[:-UNSETTLED_KEYS_KEPT]
-        self._config_issue = self._config_issue or configuration
+        if configuration:
+            self._state.configuration_error = reason[:300]
+        else:
+            keys = self._state.unsettled_keys
+            keys.append(key)
+            del keys[:-UNSETTLED_KEYS_KEPT]
         self._refresh_issue()
 
     def _set_transient_issue(self, issue: str | None) -> None:
@@ -248,10 +251,9 @@ class SubscriptionWorkflow:
 
     def _refresh_issue(self) -> None:
         present = {
-            "configuration": self._config_issue,
+            "configuration": self._state.configuration_error is not None,
             "unsettled": bool(self._state.unsettled_keys),
-            "credentials_rejected": getattr(self, "_transient_issue", None)
-            == "credentials_rejected",
+            "credentials_rejected": self._transient_issue == "credentials_rejected",
         }
         issue = next((name for name in ISSUE_PRIORITY if present[name]), None)
         if issue == self._state.billing_issue:

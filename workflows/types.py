@@ -26,6 +26,7 @@ class CycleResult:
     due_at: datetime
     # succeeded | failed | cancelled | not_charged (the carrier kept refusing: nothing moved)
     # | unsettled (may have moved money: a late result or reconciliation settles it)
+    # | error (ours, e.g. configuration: listed, never retried blindly)
     outcome: str
     attempts: int
     carrier_reference: str | None = None
@@ -51,6 +52,8 @@ class BillingState:
     cycles_not_charged: int = 0
     # what an operator must look at, if anything (the BillingIssue search attribute)
     billing_issue: str | None = None
+    # the latest error of ours (configuration) that stopped a charge, until an operator acts
+    configuration_error: str | None = None
 
 
 @dataclass
