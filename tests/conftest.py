@@ -18,7 +18,6 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from callback_receiver import CallbackReceiver
 from carriers.dev_secrets import generate_dev_secrets
@@ -30,7 +29,7 @@ from simulators.server import sim_carriers, smsc_tariffs, start_simulator
 from simulators.smsc import Smsc
 from starter import SubscriptionClient
 from tests.postgres import free_port, private_postgres
-from worker import build_worker, make_adapter_pool, prepare_database
+from worker import WorkerGroup, build_worker, make_adapter_pool, prepare_database
 from workflows import search_attributes as sa
 
 
@@ -136,7 +135,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
 @pytest.fixture(scope="session")
 async def worker(
     temporal_env: WorkflowEnvironment, settings: Settings, engine: Engine
-) -> AsyncIterator[Worker]:
+) -> AsyncIterator[WorkerGroup]:
     adapters = make_adapter_pool(default_registry(), settings, engine, temporal_env.client)
     async with build_worker(temporal_env.client, settings, engine, adapters) as running:
         yield running
@@ -158,7 +157,7 @@ async def callback_receiver(
 
 
 @pytest.fixture(scope="session")
-def client(temporal_env: WorkflowEnvironment, worker: Worker, engine: Engine,
+def client(temporal_env: WorkflowEnvironment, worker: WorkerGroup, engine: Engine,
            settings: Settings) -> SubscriptionClient:
     return SubscriptionClient(temporal_env.client, engine, default_registry(), settings.task_queue,
                               settings.deployment_id)
