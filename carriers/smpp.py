@@ -194,6 +194,9 @@ class ReceiptNotStored(ConnectionResetError):
 class SmppAdapter(CarrierAdapter, AbstractHook):
     capabilities = frozenset({Capability.CHARGE, Capability.STATUS, Capability.SEND_SMS})
     gives_retry_after = False
+    # the submission store never submits a key twice unless the SMSC refused it: a resend
+    # after "not found" answers from the row instead of sending a second SMS
+    deduplicates_locally = True
 
     def __init__(self, carrier: CarrierConfig, endpoint: str, password: str,
                  store: SubmissionStore, on_receipt: ReceiptSink, sink: InteractionSink,
