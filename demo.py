@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -25,7 +26,9 @@ from rich.live import Live
 from rich.table import Table
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError
 
 from carriers.loader import CarrierConfig, Registry, default_registry
 from carriers.numbers import sample_msisdn
@@ -35,10 +38,13 @@ from models.money import format_major, from_decimal, to_decimal
 from models.seed import seed_reference_data
 from models.tables import (
     CarrierInteraction,
+    CarrierOperation,
     LedgerEntry,
     LedgerKind,
+    OperationState,
     Period,
     PricePoint,
+    SmppSubmission,
     Subscription,
 )
 from settings import PROJECT_ROOT, Settings
@@ -136,24 +142,87 @@ async def summary(client: SubscriptionClient, engine: Engine, ids: list[int],
             .group_by(LedgerEntry.carrier_id, LedgerEntry.currency)
         ).all()
     books = httpx.get(f"{sim_url}/_control/books", timeout=30).json()
+    open_amounts = open_debits(engine, books)
     table = Table(title="Summary (ledger checked against the carrier simulator's books)")
     for column in ("carrier", "currency", "charges ok", "cycles retried", "cycles failed",
-                   "revenue", "carrier books", "match"):
+                   "revenue", "carrier books", "unsettled", "match"):
         table.add_column(column, justify="right")
     all_match = True
     for carrier_id, currency, count, total in sorted(rows):
         booked = sum((Decimal(t["amount"]) for t in books[carrier_id]["transactions"]
                       if t["kind"] == "charge"), Decimal(0))
-        match = to_decimal(int(total), currency) == booked
+        unsettled = open_amounts.get(carrier_id, Decimal(0))
+        # every debit is in the ledger, or listed as unsettled (a late result or
+        # reconciliation settles it): nothing lost, nothing twice
+        match = to_decimal(int(total), currency) + unsettled == booked
         all_match &= match
         counts = per_carrier.get(carrier_id, Counter())
         table.add_row(carrier_id, currency, str(count), str(counts["retried"]),
                       str(counts["failed"]), format_major(int(total), currency),
                       format_major(from_decimal(booked, currency), currency),
-                      "yes" if match else "NO")
+                      format_major(from_decimal(unsettled, currency), currency)
+                      if unsettled else "", "yes" if match else "NO")
     console.print(table)
-    console.print("ledger equals the carrier books to the cent" if all_match
-                  else "[red]ledger and carrier books differ[/red]")
+    console.print("ledger plus listed unsettled charges equals the carrier books to the cent"
+                  if all_match else "[red]ledger and carrier books differ[/red]")
+
+
+def open_debits(engine: Engine, books: dict[str, Any]) -> dict[str, Decimal]:
+    """Per carrier, what the carrier debited for charges we have not settled (unsettled or
+    still settling), found in its books by our key (SMPP: by the message id we were given)."""
+    with Session(engine) as session:
+        open_ops = session.exec(select(CarrierOperation).where(
+            CarrierOperation.kind == LedgerKind.CHARGE,
+            col(CarrierOperation.state).in_([OperationState.UNSETTLED, OperationState.PENDING,
+                                             OperationState.SENDING]))).all()
+        message_ids = {(r.carrier_id, r.idempotency_key): r.message_id
+                       for r in session.exec(select(SmppSubmission)).all()}
+    amounts: dict[str, Decimal] = defaultdict(Decimal)
+    for op in open_ops:
+        keys = {op.idempotency_key}
+        if message_ids.get((op.carrier_id, op.idempotency_key)):
+            keys.add(f"smpp-{message_ids[(op.carrier_id, op.idempotency_key)]}")
+        for t in books.get(op.carrier_id, {}).get("transactions", []):
+            if t["kind"] == "charge" and t["clientCorrelator"] in keys:
+                amounts[op.carrier_id] += Decimal(t["amount"])
+    return dict(amounts)
+
+
+CANCEL_TIMEOUT_SECONDS = 30.0
+SETTLE_WAIT_SECONDS = 30.0
+
+
+async def cancel_all(client: SubscriptionClient, ids: list[int]) -> list[int]:
+    """Cancels every subscription; a cancel waits for no charge, so each answers at once. The
+    ones that do not answer within the bound are returned, never waited for."""
+    limiter = asyncio.Semaphore(100)
+    unanswered: list[int] = []
+
+    async def cancel(sid: int) -> None:
+        async with limiter:
+            try:
+                await asyncio.wait_for(client.cancel_subscription(sid), CANCEL_TIMEOUT_SECONDS)
+            except (TimeoutError, RPCError, WorkflowUpdateFailedError):
+                unanswered.append(sid)
+
+    await asyncio.gather(*(cancel(sid) for sid in ids))
+    return sorted(unanswered)
+
+
+def _open_operations(engine: Engine) -> int:
+    with Session(engine) as session:
+        return int(session.exec(select(func.count()).select_from(CarrierOperation).where(
+            col(CarrierOperation.state).in_([OperationState.SENDING, OperationState.PENDING]))
+        ).one())
+
+
+async def wait_for_settlement(engine: Engine, seconds: float) -> int:
+    """Charges already sent go on settling after a cancel: wait for them, bounded."""
+    deadline = time.monotonic() + seconds
+    while (left := await asyncio.to_thread(_open_operations, engine)) and \
+            time.monotonic() < deadline:
+        await asyncio.sleep(1)
+    return left
 
 
 async def run(args: argparse.Namespace, stack: Stack) -> None:
@@ -194,13 +263,16 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     except asyncio.CancelledError:  # the first Ctrl-C: wind down and still show the summary
         console.print("\nCtrl-C: winding down (Ctrl-C again stops at once) …")
     console.print("cancelling the subscriptions …")
-    limiter = asyncio.Semaphore(20)
-
-    async def cancel(sid: int) -> None:
-        async with limiter:
-            await client.cancel_subscription(sid)
-
-    await asyncio.gather(*(cancel(sid) for sid in ids))
+    cancel_began = time.monotonic()
+    unanswered = await cancel_all(client, ids)
+    console.print(f"cancelled {len(ids) - len(unanswered)} of {len(ids)} subscriptions in "
+                  f"{time.monotonic() - cancel_began:.1f} s"
+                  + (f"; {len(unanswered)} did not answer within {CANCEL_TIMEOUT_SECONDS} s: "
+                     f"{unanswered[:10]}" if unanswered else ""))
+    open_left = await wait_for_settlement(engine, SETTLE_WAIT_SECONDS)
+    if open_left:
+        console.print(f"{open_left} charges still settling after {SETTLE_WAIT_SECONDS} s: "
+                      "they are counted as open below")
     await summary(client, engine, ids, sim_url)
     console.print("\nTemporal UI: [bold]http://localhost:8233[/bold]  "
                   "(try the query: SubscriptionStatus = 'cancelled' AND CountryCode = 'JP')")
