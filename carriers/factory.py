@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from carriers.auth import HmacRequestSigner, JwtBodySigner, OAuth2ClientCredentials
-from carriers.base import CarrierAdapter
+from carriers.base import Capability, CarrierAdapter
 from carriers.callback_aggregator import CallbackAggregatorAdapter
 from carriers.camara import CamaraAdapter
 from carriers.http import HttpTransport, InteractionSink
@@ -108,8 +108,9 @@ def build_adapter(
         if smpp_store is None or receipts is None:
             raise CarrierConfigError(f"carrier {carrier.id}: SMPP needs a submission store and "
                                      "a receipt relay")
-        return cls(carrier, resolve_base_url(carrier, settings), secret, smpp_store, receipts,  # type: ignore[no-any-return]
-                   sink, carrier.locale, timeout_seconds=timeout)
+        return check_promises(carrier, cls(
+            carrier, resolve_base_url(carrier, settings), secret, smpp_store, receipts, sink,
+            carrier.locale, timeout_seconds=timeout))
     callback_secret = settings.carrier_secrets.get(carrier.auth.callback_secret_ref or "")
     transport = HttpTransport(
         carrier_id=carrier.id,
@@ -134,4 +135,12 @@ def build_adapter(
         adapter = cls(transport, callback_url)
     else:
         adapter = cls(transport)
+    return check_promises(carrier, adapter)
+
+
+def check_promises(carrier: CarrierConfig, adapter: CarrierAdapter) -> CarrierAdapter:
+    """A promise the adapter cannot keep is a configuration error, found at start-up."""
+    if carrier.promises.status_lookup and not adapter.supports(Capability.STATUS):
+        raise CarrierConfigError(f"carrier {carrier.id} promises a status look-up, but its "
+                                 f"adapter {type(adapter).__name__} has none")
     return adapter

@@ -48,9 +48,15 @@ _XML_CREDENTIALS = re.compile(
     r"(<(?:[\w-]+:)?(?:Password|spPassword|Nonce)\b[^>]*>)[^<]*(</)")
 
 
+# bearer credentials handed to a carrier inside a body (CAMARA sinkCredential: derived per
+# operation, so not among the configured secrets)
+_JSON_CREDENTIALS = re.compile(r'("(?:accessToken|refreshToken|password)"\s*:\s*")[^"]*(")')
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
     text = _XML_CREDENTIALS.sub(r"\1***\2", text)
+    text = _JSON_CREDENTIALS.sub(r"\1***\2", text)
     return _MSISDN.sub(_mask, text)

@@ -215,3 +215,15 @@ def test_camara_error_message_is_redacted() -> None:
                                           "message": "invalid phoneNumber 33612345678"}),
                          httpx.Headers())
     assert "33612345678" not in map_created(rejected, "paymentId", "paymentStatus").message
+
+
+def test_per_operation_sink_credentials_are_removed() -> None:
+    """The CAMARA sink credential is derived per operation (not a configured secret): the
+    request body recorded as an interaction must not carry it."""
+    from carriers.camara import sink_token
+
+    token = sink_token("callback-secret", "dev-abc-c1-a0")
+    body = ('{"sink": "https://app/callbacks/za-protea/dev-abc-c1-a0", "sinkCredential": '
+            f'{{"credentialType": "ACCESSTOKEN", "accessToken": "{token}"}}}}')
+    assert token not in redact(body)
+    assert '"accessToken": "***"' in redact(body)
