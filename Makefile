@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint unit bench clean
+.PHONY: install demo test lint unit bench clean chaos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install lint
 
 bench: install
 	$(BIN)/python -m bench.billing $(BENCH_ARGS)
+
+# chaos run against the real stack (options: CHAOS_ARGS="--subscriptions 24 --seconds 45
+# --phases carriers,worker,simulator,postgres,temporal"); fails on a double or lost debit
+chaos: install
+	bash scripts/ensure-postgres-tools.sh
+	$(BIN)/python -m chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf .data .pytest_cache .mypy_cache .ruff_cache
