@@ -429,9 +429,12 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
             return result, None, True
         unbound = await self._ready()
         if unbound is not None:
+            # a login refused is the operator's to fix, never the subscriber's: transient too,
+            # with the SMSC's code saying why (nothing was sent either way)
             result = OperationResult(
-                outcome=Outcome.REJECTED if unbound in _BAD_LOGIN else Outcome.TRANSIENT,
-                carrier_code=unbound.name, message="no bound session with the SMSC")
+                outcome=Outcome.TRANSIENT, carrier_code=unbound.name,
+                message="SMSC refused our bind (credentials)" if unbound in _BAD_LOGIN
+                else "no bound session with the SMSC")
             await self._sink(self._record(operation, key, summary, "", result.outcome.value,
                                           started))
             return result, None, True
