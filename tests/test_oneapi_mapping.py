@@ -33,7 +33,7 @@ def test_charged_with_reference_succeeds() -> None:
     (400, error("serviceException", "SVC0270"), Outcome.REJECTED),
     (409, error("serviceException", "SVC0005"), Outcome.UNKNOWN),
     (400, error("serviceException", "SVC4242"), Outcome.UNKNOWN),
-    (401, {"message": "bad credentials"}, Outcome.REJECTED),
+    (401, {"message": "bad credentials"}, Outcome.TRANSIENT),  # an operator fixes it
     (503, "busy", Outcome.TRANSIENT),
     (500, "oops", Outcome.UNKNOWN),
     (201, "<html>not json</html>", Outcome.UNKNOWN),

@@ -330,12 +330,14 @@ async def test_a_charge_the_carrier_never_settles_is_left_to_reconciliation(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No receipt ever comes and SMPP cannot be asked: after the settle attempts run out the
+    """No receipt ever comes and every query_sm fails: after the settle attempts run out the
     cycle is 'unsettled' (not failed, not retried, nothing in the ledger) and billing goes on."""
     import workflows.settle
 
     monkeypatch.setattr(workflows.settle, "MAX_SETTLE_ATTEMPTS", 3)
     carrier = default_registry().carriers["ke-safari"]
+    await simulator.control("faults", {"carrier": carrier.id, "kind": "lookup_error",
+                                       "count": 3})
     msisdn, started = await subscribe_on(client, simulator, carrier.id, 99, "no_callback")
     handle = client.handle(started.subscription_id)
     for _ in range(100):  # the submission is accepted; its receipt never comes
