@@ -1,0 +1,1 @@
+"""Recorded workflow histories, replayed by tests/test_replay.py (see docs/versioning.md)."""
