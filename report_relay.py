@@ -39,12 +39,17 @@ class ReportRelay:
         self._task_queue = task_queue
 
     def _bind(self, report: CarrierReport) -> CarrierOperation | None:
+        """Stores the report on its operation, then reads the operation's state: a workflow
+        giving up at the same moment writes UNSETTLED, then reads the report, so one of the
+        two always sees the other."""
         with Session(self._engine, expire_on_commit=False) as session:
             operation = ops.find(session, report.idempotency_key)
-            if operation is not None and operation.carrier_id == report.carrier_id:
-                ops.store_report(session, report.idempotency_key, report.outcome,
-                                 report.carrier_reference, report.carrier_code)
-            return operation
+            if operation is None or operation.carrier_id != report.carrier_id:
+                return operation
+            ops.store_report(session, report.idempotency_key, report.outcome,
+                             report.carrier_reference, report.carrier_code)
+            session.expire_all()
+            return ops.find(session, report.idempotency_key)
 
     async def relay(self, report: CarrierReport, record: InteractionRecord) -> str:
         """'relayed', 'settling' (late result for an unsettled operation), 'late' (already

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -58,6 +59,7 @@ from models.tables import (
     Subscriber,
     Subscription,
     SubscriptionStatus,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -184,9 +186,16 @@ class BillingActivities:
                                allowed_from=(OperationState.SENDING,),
                                carrier_code=result.carrier_code, message=result.message[:500])
             else:
+                # may have moved money: never "did nothing" again, and the carrier's reference
+                # (proof it took the request) is kept
+                facts: dict[str, object] = {"ambiguous": True,
+                                            "carrier_code": result.carrier_code,
+                                            "message": result.message[:500]}
+                if result.carrier_reference:
+                    facts["carrier_reference"] = result.carrier_reference
                 ops.transition(session, key, OperationState.PENDING,
-                               allowed_from=(OperationState.SENDING,),
-                               carrier_code=result.carrier_code, message=result.message[:500])
+                               allowed_from=(OperationState.SENDING, OperationState.PENDING),
+                               **facts)
 
     def _settled_answer(self, operation: CarrierOperation, entry: LedgerEntry | None
                         ) -> OperationResult | None:
@@ -213,6 +222,20 @@ class BillingActivities:
                 "carrier_credentials_rejected", "carrier answers refusing our credentials",
             ).add(1, {"carrier": carrier_id})
 
+    @staticmethod
+    def _resend_hold(operation: CarrierOperation, terms: CarrierTerms) -> str | None:
+        """Why this operation may not be sent again now, if it may not. (Wall-clock time: the
+        carrier takes real seconds to show what it took, whatever a workflow's clock says.)"""
+        if operation.carrier_reference or operation.reported_outcome:
+            return "the carrier acknowledged it; it is only ever settled"
+        if operation.last_sent_at is None:
+            return "when it was last sent is not known"
+        elapsed = (utcnow() - _aware(operation.last_sent_at)).total_seconds()
+        if elapsed < terms.visible_within_seconds:
+            return (f"last sent {elapsed:.0f} s ago; this carrier may take "
+                    f"{terms.visible_within_seconds:.0f} s to show what it took")
+        return None
+
     async def _run(self, spec: OperationSpec, subscriber_id: int | None,
                    send: Callable[[str, str | None], Awaitable[OperationResult]],
                    reported: CarrierReport | None, may_send: bool = True
@@ -229,15 +252,19 @@ class BillingActivities:
             if context.may_send and may_send:
                 result = await send(msisdn, original)
             else:
+                terms = self._terms(spec.carrier_id, adapter)
                 lookup = StatusRequest(
                     idempotency_key=spec.idempotency_key, msisdn=msisdn,
-                    operation=spec.kind.value,
-                    original_carrier_reference=original, sent_at=operation.created_at)
-                resend = (lambda: self._resend_with(spec.idempotency_key,
-                                                    lambda: send(msisdn, original))
-                          ) if may_send else None
-                result = await settle(adapter, self._terms(spec.carrier_id, adapter), lookup,
-                                      _reported(operation, reported), resend)
+                    operation=spec.kind.value, original_carrier_reference=original,
+                    sent_at=operation.created_at,
+                    last_sent_at=_aware(operation.last_sent_at) if operation.last_sent_at
+                    else None)
+                held = ("a late settlement never sends" if not may_send
+                        else self._resend_hold(operation, terms))
+                resend = None if held else (lambda: self._resend_with(
+                    spec.idempotency_key, lambda: send(msisdn, original)))
+                result = await settle(adapter, terms, lookup, _reported(operation, reported),
+                                      resend, held or "")
             if _credentials_refused(result):
                 self._report_credentials(spec.carrier_id, result)
             return result, operation, original
@@ -334,17 +361,28 @@ class BillingActivities:
 
     # -- operations left unsettled ------------------------------------------------------------
 
-    def _mark_unsettled(self, request: UnsettledInput) -> None:
+    def _mark_unsettled(self, request: UnsettledInput) -> CarrierOperation | None:
         with Session(self._engine, expire_on_commit=False) as session:
             ops.transition(session, request.idempotency_key, OperationState.UNSETTLED,
-                           allowed_from=(OperationState.SENDING, OperationState.PENDING),
+                           allowed_from=(OperationState.SENDING, OperationState.PENDING,
+                                         OperationState.RETRYABLE),
                            unsettled_reason=request.reason[:500])
+            # read after writing: a result the relay stored meanwhile is seen here, or the
+            # relay sees UNSETTLED and starts a late settlement (it also writes, then reads)
+            return ops.find(session, request.idempotency_key)
 
     @activity.defn(name="record_unsettled_operation")
-    async def record_unsettled_operation(self, request: UnsettledInput) -> None:
+    async def record_unsettled_operation(self, request: UnsettledInput
+                                         ) -> LateSettlementOutput | None:
         """The operation may have moved money and has no final answer: list it for operators
-        and for the late results and reconciliation that will settle it."""
-        await asyncio.to_thread(self._mark_unsettled, request)
+        and for the late results and reconciliation that will settle it. A result the carrier
+        pushed while the workflow was giving up is applied now."""
+        operation = await asyncio.to_thread(self._mark_unsettled, request)
+        if operation is None or operation.reported_outcome is None \
+                or operation.state != OperationState.UNSETTLED:
+            return None
+        return await self.settle_unsettled_operation(
+            LateSettlementInput(request.idempotency_key))
 
     def _load(self, key: str) -> CarrierOperation:
         with Session(self._engine, expire_on_commit=False) as session:
@@ -380,9 +418,14 @@ class BillingActivities:
             with _configuration_errors():
                 await asyncio.to_thread(self._conclude, operation, result, refunds_entry_id)
         settled = await asyncio.to_thread(self._load, request.idempotency_key)
+        remaining = await asyncio.to_thread(self._unsettled_count, settled.subscription_id)
         return LateSettlementOutput(settled.idempotency_key, OperationState(settled.state).value,
                                     settled.outcome, settled.carrier_reference, result.message,
-                                    settled.workflow_id)
+                                    settled.workflow_id, remaining)
+
+    def _unsettled_count(self, subscription_id: int) -> int:
+        with Session(self._engine) as session:
+            return len(ops.unsettled_of_subscription(session, subscription_id))
 
     def _charge_entry_id(self, operation: CarrierOperation) -> int | None:
         with Session(self._engine, expire_on_commit=False) as session:
@@ -396,6 +439,11 @@ class BillingActivities:
     def carrier_calls(self) -> list[Callable[..., Any]]:
         """What runs on a carrier's own task queue: the calls that wait on that carrier."""
         return [self.charge_subscription, self.refund_charge]
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite gives back naive datetimes for what was stored in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _workflow_id() -> str:

@@ -96,6 +96,16 @@ class LateSettlementOutput:
     message: str = ""
     # the workflow that left it unsettled, told when it is settled
     workflow_id: str | None = None
+    # how many operations of that subscription are still unsettled
+    still_unsettled: int = 0
+
+
+@dataclass
+class SettledNotice:
+    """Tells a subscription that one of its unsettled operations is settled."""
+
+    idempotency_key: str
+    still_unsettled: int
 
 
 def key_prefix(deployment_id: str, key_token: str) -> str:

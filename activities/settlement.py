@@ -8,7 +8,11 @@ The rules assume nothing a carrier has not declared (``CarrierPromises`` in the 
   has a look-up it is confirmed there first;
 * a look-up that finds the operation answers; one that fails says nothing (unknown);
 * only "not found" from a carrier that deduplicates our key allows one more send, and a
-  carrier with no look-up is sent again only if it deduplicates;
+  carrier with no look-up is sent again only if it deduplicates; and even then only when the
+  carrier has never acknowledged the operation (no reference, no pushed result) and the last
+  send is older than the time the carrier takes to show what it took (the caller decides:
+  ``resend`` is None with a reason otherwise);
+* a refusal of that resend (busy, throttled) says nothing about the first send: unknown;
 * everything else is unknown: the workflow waits and asks again, then leaves it unsettled.
 """
 
@@ -38,6 +42,8 @@ class CarrierTerms:
 
     status_lookup: bool
     deduplicates: bool
+    # how long after a send a "not found" still means nothing (the carrier may not show yet)
+    visible_within_seconds: float = 300.0
 
     @classmethod
     def of(cls, adapter: CarrierAdapter, promises: CarrierPromises) -> CarrierTerms:
@@ -45,6 +51,7 @@ class CarrierTerms:
             status_lookup=promises.status_lookup and adapter.supports(Capability.STATUS),
             deduplicates=(promises.deduplicates_by_key != "no"
                           or adapter.deduplicates_locally),
+            visible_within_seconds=promises.visible_within_seconds,
         )
 
 
@@ -58,9 +65,10 @@ async def settle(
     lookup: StatusRequest,
     reported: CarrierReport | None,
     resend: Callable[[], Awaitable[OperationResult]] | None,
+    held: str = "this settlement never sends",
 ) -> OperationResult:
-    """The operation's result as far as it can be known now. ``resend`` (None: never send)
-    claims the operation for one more send and sends it."""
+    """The operation's result as far as it can be known now. ``resend`` claims the operation
+    for one more send and sends it; None (``held`` says why) never sends."""
     if reported is not None:
         outcome = Outcome(reported.outcome)
         if outcome is Outcome.SUCCEEDED and reported.carrier_reference:
@@ -84,9 +92,24 @@ async def settle(
         if found.lookup is Lookup.FAILED:
             return unknown(f"look-up failed: {found.message}", found.carrier_code)
         # not found: the request never took effect, or the carrier has not committed it yet
-        if terms.deduplicates and resend is not None:
-            return await resend()
-        return unknown("not found at a carrier that does not deduplicate our key: not resent")
-    if terms.deduplicates and resend is not None:
-        return await resend()
-    return unknown("no look-up and no deduplication at this carrier: waiting for its result")
+        if not terms.deduplicates:
+            return unknown("not found at a carrier that does not deduplicate our key: "
+                           "not resent")
+        if resend is None:
+            return unknown(f"not found, not resent: {held}")
+        return await _resent(resend)
+    if not terms.deduplicates:
+        return unknown("no look-up and no deduplication at this carrier: waiting for its "
+                       "result")
+    if resend is None:
+        return unknown(f"no look-up; not resent: {held}")
+    return await _resent(resend)
+
+
+async def _resent(resend: Callable[[], Awaitable[OperationResult]]) -> OperationResult:
+    result = await resend()
+    if result.outcome is Outcome.TRANSIENT:
+        # the carrier refused the repeat; the first send is as unknown as before
+        return unknown(f"resend refused ({result.carrier_code or 'busy'}): the earlier send "
+                       "is still unknown", result.carrier_code)
+    return result

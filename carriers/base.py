@@ -57,8 +57,9 @@ class StatusRequest(BaseModel):
     operation: Literal["charge", "refund"]
     # refunds: the carrier's reference of the charge refunded (some APIs file refunds under it)
     original_carrier_reference: str | None = None
-    # when we first sent it: carriers searched by date look near it
+    # when we first and last sent it: carriers searched by date look between the two
     sent_at: datetime | None = None
+    last_sent_at: datetime | None = None
 
 
 class OperationResult(BaseModel):

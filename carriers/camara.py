@@ -230,8 +230,9 @@ class CamaraAdapter(HttpAdapter):
         else:
             path, id_field, status_field = "/payments", "paymentId", "paymentStatus"
         sent = request.sent_at or datetime.now(UTC)
+        last = max(request.last_sent_at or sent, sent)
         window = {"paymentCreationDate.gte": (sent - LOOKUP_MARGIN).isoformat(),
-                  "paymentCreationDate.lte": (sent + LOOKUP_WINDOW).isoformat()}
+                  "paymentCreationDate.lte": (last + LOOKUP_WINDOW).isoformat()}
         for page in range(1, MAX_PAGES + 1):
             items: list[dict[str, Any]] = []
 

@@ -12,7 +12,8 @@ EXCEPTION_OUTCOMES: dict[str, Outcome] = {
     "POL0253": Outcome.REJECTED,  # user refused
     "POL0001": Outcome.REJECTED,  # generic policy error (barred, blocked service, credentials)
     "SVC0270": Outcome.REJECTED,  # charge not applied
-    "SVC0001": Outcome.REJECTED,
+    # generic service error: may follow a debit (gateways send it with 500), so not final
+    "SVC0001": Outcome.UNKNOWN,
     "SVC0002": Outcome.REJECTED,  # invalid input
     "SVC0005": Outcome.UNKNOWN,  # correlator already used for another request
 }

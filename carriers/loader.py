@@ -127,6 +127,9 @@ class CarrierPromises(_Strict):
     deduplicates_by_key: Literal["no", "replay", "error"] = "no"
     # whether the carrier answers a look-up of an earlier operation by our key
     status_lookup: bool = False
+    # how soon what the carrier took shows in its look-ups and deduplication: a "not found"
+    # closer than this to our last send never leads to a resend
+    visible_within_seconds: float = Field(default=300.0, ge=0)
 
 
 class CarrierConfig(_Strict):

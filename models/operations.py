@@ -59,7 +59,7 @@ def reserve(session: Session, spec: OperationSpec) -> Reservation:
             idempotency_key=spec.idempotency_key, kind=spec.kind, carrier_id=spec.carrier_id,
             workflow_id=spec.workflow_id, subscription_id=spec.subscription_id, cycle=spec.cycle,
             amount_minor=spec.amount_minor, currency=spec.currency, due_at=spec.due_at,
-            state=OperationState.SENDING, sends=1)
+            state=OperationState.SENDING, sends=1, last_sent_at=utcnow())
         session.add(row)
         try:
             session.commit()
@@ -75,7 +75,7 @@ def reserve(session: Session, spec: OperationSpec) -> Reservation:
         raise OperationConflict(
             f"key {spec.idempotency_key} is already used for {existing.kind} "
             f"{existing.amount_minor} {existing.currency} on {existing.carrier_id}")
-    if existing.state == OperationState.RETRYABLE and claim_resend(
+    if existing.state == OperationState.RETRYABLE and not existing.ambiguous and claim_resend(
             session, existing.idempotency_key, (OperationState.RETRYABLE,)):
         session.refresh(existing)
         return Reservation(existing, True)
@@ -89,7 +89,8 @@ def claim_resend(session: Session, key: str, allowed_from: Sequence[OperationSta
     result = session.execute(
         sa.update(table)
         .where(table.c.idempotency_key == key, table.c.state.in_([s.value for s in allowed_from]))
-        .values(state=OperationState.SENDING.value, sends=table.c.sends + 1, updated_at=utcnow()))
+        .values(state=OperationState.SENDING.value, sends=table.c.sends + 1,
+                last_sent_at=utcnow(), updated_at=utcnow()))
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -112,14 +113,21 @@ def transition(session: Session, key: str, state: OperationState, *,
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+FINAL_OUTCOMES = ("succeeded", "insufficient_funds", "rejected")
+
+
 def store_report(session: Session, key: str, outcome: str, reference: str | None,
                  code: str | None) -> bool:
     """Keeps a pushed result durably on the open operation, so it is read even if the signal
-    that announced it reaches no one (worker restarting, workflow closed)."""
+    that announced it reaches no one (worker restarting, workflow closed). A final result is
+    never replaced by a pending one (a duplicate or late "processing" callback)."""
     table = CarrierOperation.__table__  # type: ignore[attr-defined]
+    keeps_final = sa.true() if outcome in FINAL_OUTCOMES else sa.or_(
+        table.c.reported_outcome.is_(None), table.c.reported_outcome.not_in(FINAL_OUTCOMES))
     result = session.execute(
         sa.update(table)
-        .where(table.c.idempotency_key == key, table.c.state != OperationState.SETTLED.value)
+        .where(table.c.idempotency_key == key, table.c.state != OperationState.SETTLED.value,
+               keeps_final)
         .values(reported_outcome=outcome, reported_reference=reference, reported_code=code,
                 reported_at=utcnow(), updated_at=utcnow()))
     session.commit()
@@ -133,3 +141,9 @@ def unsettled(session: Session, carrier_id: str | None = None) -> list[CarrierOp
     if carrier_id is not None:
         query = query.where(CarrierOperation.carrier_id == carrier_id)
     return list(session.exec(query).all())
+
+
+def unsettled_of_subscription(session: Session, subscription_id: int) -> list[CarrierOperation]:
+    return list(session.exec(select(CarrierOperation).where(
+        CarrierOperation.subscription_id == subscription_id,
+        CarrierOperation.state == OperationState.UNSETTLED)).all())

@@ -132,10 +132,13 @@ class SubmissionStore:
                        msisdn: str) -> SmppSubmission | None:
         with Session(self._engine) as session:
             if message_id:
-                # SMSCs reuse message ids: a submission still waiting wins, then the newest
+                # SMSCs reuse message ids: only this subscriber's submissions can be meant (a
+                # receipt for another number must never settle this one), and of those the
+                # one still waiting wins, then the newest
                 rows = session.exec(select(SmppSubmission).where(
                     SmppSubmission.carrier_id == carrier_id,
-                    SmppSubmission.message_id == message_id)).all()
+                    SmppSubmission.message_id == message_id,
+                    SmppSubmission.msisdn == msisdn)).all()
                 if rows:
                     return max(rows, key=lambda r: (r.state in OPEN_STATES, r.id or 0))
             if user_reference is None:

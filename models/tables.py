@@ -191,6 +191,11 @@ class CarrierOperation(SQLModel, table=True):
     state: OperationState = Field(sa_type=sa.String(16), index=True)
     # how many times the request itself was sent (a resend only after a "not found")
     sends: int = 0
+    # when it was last sent (a "not found" soon after means nothing)
+    last_sent_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    # the carrier answered in a way that shows it may have acted (pending, unknown): from then
+    # on the operation is only ever settled, and "the carrier did nothing" is never believed
+    ambiguous: bool = False
     outcome: str | None = None
     carrier_reference: str | None = None
     carrier_code: str | None = None

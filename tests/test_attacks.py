@@ -1,6 +1,7 @@
-"""Adversarial review of the money paths: each test reproduces one way money goes wrong and
-is left failing on purpose. Real stack (time-skipping server, simulators on sockets, the real
-receiver and worker) where feasible; otherwise a focused test of the deciding function/store."""
+"""Attacks from an adversarial review of the money paths. Each test's docstring tells the attack
+as it first succeeded; its name tells the guarantee it now checks. Real stack (time-skipping
+server, simulators on sockets, the real receiver and worker) where feasible; otherwise a
+focused test of the deciding function or store."""
 
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ async def closed(env: WorkflowEnvironment, handle: WorkflowHandle[Any, Any],
 
 
 @pytest.mark.parametrize("carrier_id", ["de-alpen", "br-ipe"])
-async def test_pending_charge_looked_up_before_carrier_commits_is_resent_and_debited_twice(
+async def test_a_charge_the_carrier_took_but_has_not_committed_is_never_sent_again(
     carrier_id: str, client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment,
 ) -> None:
@@ -123,9 +124,13 @@ async def test_pending_charge_looked_up_before_carrier_commits_is_resent_and_deb
     started = await subscribe(client, carrier_id, msisdn)
     key = f"{started.key_prefix}-c1-a0"
     handle = client.handle(started.subscription_id)
+    await wait_state(engine, key, (OperationState.PENDING,))
+    # look-ups say "not found" while the carrier has not committed; none may send again
+    await temporal_env.sleep(timedelta(minutes=30))
+    assert sends(engine, key) == 1
+    await asyncio.sleep(6.5)  # let the simulator commit everything it took
     state = await run_until(temporal_env, handle, lambda s: s.recent_cycles,
                             step=timedelta(seconds=30))
-    await asyncio.sleep(6.5)  # let the simulator commit everything it took
     taken = await debits(simulator, carrier_id, msisdn)
     await client.cancel_subscription(started.subscription_id)
     assert len(taken) == 1, (f"subscriber debited {len(taken)} times for one cycle "
@@ -133,7 +138,7 @@ async def test_pending_charge_looked_up_before_carrier_commits_is_resent_and_deb
                              f"ledger {len(ledger_of(engine, started.subscription_id))}")
 
 
-async def test_worker_crash_after_send_then_lookup_before_commit_resends_and_debits_twice(
+async def test_a_crash_between_send_and_record_never_leads_to_a_second_debit(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -159,6 +164,9 @@ async def test_worker_crash_after_send_then_lookup_before_commit_resends_and_deb
     started = await subscribe(client, "fr-azur", msisdn)
     key = f"{started.key_prefix}-c1-a0"
     handle = client.handle(started.subscription_id)
+    await temporal_env.sleep(timedelta(minutes=30))  # many "not found" look-ups meanwhile
+    assert sends(engine, key) == 1
+    await asyncio.sleep(6.5)  # the carrier commits what it took
     state = await run_until(temporal_env, handle, lambda s: s.recent_cycles,
                             step=timedelta(seconds=30))
     monkeypatch.setattr(BillingActivities, "_conclude", original)
@@ -173,7 +181,7 @@ async def test_worker_crash_after_send_then_lookup_before_commit_resends_and_deb
 # -- 2. a transient answer to the *resend* erases the ambiguity of the first send --------------
 
 
-async def test_resend_refused_503_after_cancel_leaves_debit_without_ledger_or_unsettled_record(
+async def test_a_debit_whose_answer_is_late_is_in_the_ledger_or_listed_after_a_cancel(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment,
 ) -> None:
@@ -194,7 +202,7 @@ async def test_resend_refused_503_after_cancel_leaves_debit_without_ledger_or_un
     handle = client.handle(started.subscription_id)
     cancelled = await asyncio.wait_for(client.cancel_subscription(started.subscription_id), 10)
     assert cancelled.status == "cancelled"
-    await closed(temporal_env, handle, step=timedelta(seconds=1))
+    await closed(temporal_env, handle, step=timedelta(minutes=10))
     state = await handle.result()
     taken = await debits(simulator, carrier_id, msisdn)
     record = op(engine, key)
@@ -209,7 +217,7 @@ async def test_resend_refused_503_after_cancel_leaves_debit_without_ledger_or_un
 # -- 3. relay vs the workflow giving up: a genuine late result is never applied ---------------
 
 
-async def test_success_callback_arriving_while_workflow_marks_unsettled_is_never_applied(
+async def test_a_success_pushed_while_the_workflow_gives_up_is_applied(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -232,13 +240,13 @@ async def test_success_callback_arriving_while_workflow_marks_unsettled_is_never
     delivered: list[Any] = []
     original = BillingActivities._mark_unsettled
 
-    def callback_first(self: BillingActivities, request: Any) -> None:
+    def callback_first(self: BillingActivities, request: Any) -> Any:
         if request.idempotency_key.startswith(started_prefix[0]):
             answer = httpx.post(f"{simulator.url}/_control/callback", json={
                 "carrier": carrier_id, "key": request.idempotency_key, "outcome": "success"},
                 timeout=10)
             delivered.append(answer.json())
-        original(self, request)
+        return original(self, request)
 
     started_prefix: list[str] = ["<none>"]
     monkeypatch.setattr(BillingActivities, "_mark_unsettled", callback_first)
@@ -251,7 +259,9 @@ async def test_success_callback_arriving_while_workflow_marks_unsettled_is_never
     await asyncio.sleep(1.0)  # give any late settlement every chance
     record = op(engine, key)
     await client.cancel_subscription(started.subscription_id)
-    assert [c.outcome for c in state.recent_cycles] == ["unsettled"]
+    # the result pushed while the workflow gave up is applied then: the cycle is charged
+    assert [c.outcome for c in state.recent_cycles] == ["succeeded"]
+    assert [e.idempotency_key for e in ledger_of(engine, started.subscription_id)] == [key]
     assert delivered and delivered[0]["status"] == 200, delivered
     assert record is not None and record.reported_outcome == "succeeded"
     assert len(await debits(simulator, carrier_id, msisdn)) == 1
@@ -263,7 +273,7 @@ async def test_success_callback_arriving_while_workflow_marks_unsettled_is_never
 # -- 4. SMPP receipts matched by a reused message id, whatever the number ----------------------
 
 
-def test_smpp_receipt_for_one_subscriber_settles_another_subscribers_charge_on_reused_message_id(
+def test_an_smpp_receipt_never_settles_another_subscribers_charge_on_a_reused_id(
     engine: Engine,
 ) -> None:
     """SMSCs reuse message ids (the store's own comment says so). A receipt for subscriber A's
@@ -300,7 +310,7 @@ def test_smpp_receipt_for_one_subscriber_settles_another_subscribers_charge_on_r
 # -- 5. classifications of answers that may follow a debit -------------------------------------
 
 
-def test_oneapi_http_500_generic_service_error_svc0001_on_a_charge_is_taken_as_final_rejection(
+def test_a_generic_service_error_on_a_charge_is_unknown_not_a_rejection(
 ) -> None:
     """A charge answered HTTP 500 with the generic ServiceException SVC0001 ("A service error
     occurred" — what the simulator itself answers for a server-side failure) is mapped to
@@ -325,7 +335,7 @@ def test_oneapi_http_500_generic_service_error_svc0001_on_a_charge_is_taken_as_f
 # -- 6. the transient loop is bounded neither in attempts nor in waiting ------------------------
 
 
-async def test_retry_after_one_second_throttling_resends_without_bound_and_grows_history(
+async def test_retry_after_one_second_is_resent_on_our_backoff_and_bounded(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment,
 ) -> None:
@@ -344,19 +354,22 @@ async def test_retry_after_one_second_throttling_resends_without_bound_and_grows
     started = await subscribe(client, carrier_id, msisdn)
     key = f"{started.key_prefix}-c1-a0"
     handle = client.handle(started.subscription_id)
-    await run_until(temporal_env, handle, lambda s: s.recent_cycles,
-                    step=timedelta(minutes=2), rounds=60)
+    state = await run_until(temporal_env, handle, lambda s: s.recent_cycles,
+                            step=timedelta(hours=1), rounds=30)
     events = 0
     async for _ in handle.fetch_history_events():
         events += 1
     sent = sends(engine, key)
     await client.cancel_subscription(started.subscription_id)
-    assert sent <= MAX_SETTLE_ATTEMPTS, (
-        f"{sent} sends of one charge within {sent} s of workflow time ({events} history "
-        f"events): a day of Retry-After: 1 is {86400 * events // max(sent, 1)} events")
+    # a day of refusals, sent again on our backoff (not the carrier's 1 s), then given up:
+    # nothing was charged, and the history stays small
+    assert [c.outcome for c in state.recent_cycles] == ["not_charged"]
+    assert sent <= 60 and events < 1000, (
+        f"{sent} sends of one charge ({events} history events) in a day of Retry-After: 1")
+    assert sent <= MAX_SETTLE_ATTEMPTS
 
 
-async def test_huge_retry_after_stalls_the_cycle_past_the_transient_limit(
+async def test_a_huge_retry_after_cannot_stall_a_cycle_past_the_transient_limit(
     client: SubscriptionClient, simulator: Simulator, temporal_env: WorkflowEnvironment,
 ) -> None:
     """``Retry-After`` has no ceiling either, and the transient limit (one day) is checked only
@@ -381,7 +394,7 @@ async def test_huge_retry_after_stalls_the_cycle_past_the_transient_limit(
 # -- 7. a refund owed is silently dropped after a day of carrier throttling ---------------------
 
 
-async def test_refund_throttled_for_a_day_is_abandoned_unsent_with_no_record_of_the_debt(
+async def test_a_refund_throttled_for_a_day_is_still_sent(
     client: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment,
 ) -> None:

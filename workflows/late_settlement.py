@@ -11,7 +11,7 @@ from temporalio.exceptions import FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
-    from activities.messages import LateSettlementInput, LateSettlementOutput
+    from activities.messages import LateSettlementInput, LateSettlementOutput, SettledNotice
 
 
 def late_settlement_id(key: str) -> str:
@@ -32,7 +32,8 @@ class LateSettlementWorkflow:
         if settled.state == "settled" and settled.workflow_id:
             try:
                 await workflow.get_external_workflow_handle(settled.workflow_id).signal(
-                    "operation_settled", settled.idempotency_key)
+                    "operation_settled",
+                    SettledNotice(settled.idempotency_key, settled.still_unsettled))
             except FailureError:
                 pass  # that workflow has ended: the operation record is what counts
         return settled

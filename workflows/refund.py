@@ -53,8 +53,11 @@ class RefundWorkflow:
                 retry_policy=REFUND_RETRY, summary=summary)
 
         summary = f"refund cycle {request.cycle} of subscription {request.subscription_id}"
+        # a refund is owed: a carrier refusing it is asked again for a week, not a day
         bounds = SettleBounds(request.settle_delays_seconds,
-                              deadline_seconds=request.settle_deadline_seconds)
+                              deadline_seconds=request.settle_deadline_seconds,
+                              transient_delays=[5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0],
+                              transient_limit_seconds=7 * 86400.0)
         # a refund is owed to the subscriber: nothing stops resending one the carrier refused
         settled = await self._settler.run(key, request.carrier_id, attempt, summary, bounds,
                                           lambda: False)
@@ -63,12 +66,17 @@ class RefundWorkflow:
         if settled.kind == "error" and settled.reason.startswith("NotRefundable"):
             raise ApplicationError(settled.reason, type="NotRefundable",
                                             non_retryable=True)
-        if settled.kind == "not_sent" and settled.result is not None:
-            return settled.result
-        await workflow.execute_activity_method(
-            BillingActivities.record_unsettled_operation, UnsettledInput(key, settled.reason),
-            start_to_close_timeout=timedelta(seconds=30), summary=f"list {key} as unsettled")
+        # not settled, or never accepted: either way the refund is owed, so it is listed
+        # (asking for it again looks it up, and sends only where that is safe)
+        reason = (f"refund owed, never accepted: {settled.reason}"
+                  if settled.kind == "not_sent" else settled.reason)
+        late = await workflow.execute_activity_method(
+            BillingActivities.record_unsettled_operation, UnsettledInput(key, reason),
+            start_to_close_timeout=timedelta(seconds=60), summary=f"list {key} as unsettled")
         last = settled.result
+        if late is not None and late.state == "settled" and late.outcome is not None:
+            return RefundOutput(late.outcome, last.amount_minor if last else 0,
+                                last.currency if last else "", late.carrier_reference)
         return RefundOutput("unsettled", last.amount_minor if last else 0,
                             last.currency if last else "", None,
                             last.carrier_code if last else None, settled.reason)

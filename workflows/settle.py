@@ -28,6 +28,8 @@ with workflow.unsafe.imports_passed_through():
 # Each attempt adds about ten history events; past this many the operation is left unsettled
 # rather than let the history grow toward Temporal's limit.
 MAX_SETTLE_ATTEMPTS = 200
+# sends refused outright (nothing happened) before the cycle is given up as not charged
+MAX_TRANSIENT_ATTEMPTS = 200
 FINAL = ("succeeded", "insufficient_funds", "rejected")
 
 
@@ -126,10 +128,14 @@ class OperationSettler:
                 if result is not None and result.outcome == "transient":
                     if stop_sending():
                         return Settled("not_sent", result, "cancelled while the carrier refused")
-                    if elapsed >= bounds.transient_limit_seconds:
+                    budget = bounds.transient_limit_seconds - elapsed
+                    if budget <= 0 or transients >= MAX_TRANSIENT_ATTEMPTS:
                         return Settled("not_sent", result, "the carrier kept refusing")
-                    delay = result.retry_after_seconds or bounds.transient_delays[
+                    # the carrier's Retry-After, but never sooner than our backoff (a history
+                    # must stay bounded) nor past the time we are willing to wait
+                    backoff = bounds.transient_delays[
                         min(transients, len(bounds.transient_delays) - 1)]
+                    delay = min(max(result.retry_after_seconds or 0.0, backoff), budget)
                     transients += 1
                     with contextlib.suppress(TimeoutError):
                         await workflow.wait_condition(

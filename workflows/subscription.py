@@ -15,6 +15,8 @@ with workflow.unsafe.imports_passed_through():
         CarrierReport,
         ChargeInput,
         ChargeOutput,
+        LateSettlementOutput,
+        SettledNotice,
         StatusInput,
         UnsettledInput,
         charge_key,
@@ -78,11 +80,13 @@ class SubscriptionWorkflow:
         self._settler.offer(report)
 
     @workflow.signal(name="operation_settled")
-    def operation_settled(self, key: str) -> None:
-        """A charge this workflow left unsettled was settled later (late result, look-up)."""
-        if key in self._state.unsettled_keys:
-            self._state.unsettled_keys.remove(key)
-            self._refresh_issue()
+    def operation_settled(self, notice: SettledNotice) -> None:
+        """A charge this workflow left unsettled was settled later (late result, look-up);
+        the notice says how many of its charges the database still lists as unsettled."""
+        if notice.idempotency_key in self._state.unsettled_keys:
+            self._state.unsettled_keys.remove(notice.idempotency_key)
+        self._state.unsettled_count = notice.still_unsettled
+        self._refresh_issue()
 
     @workflow.update(name="cancel")
     async def cancel(self) -> BillingState:
@@ -182,13 +186,16 @@ class SubscriptionWorkflow:
             if settled.kind in ("unsettled", "error"):
                 # money may have moved: no new key, no failure count; listed for operators.
                 # (an error of ours: the operation, if it was recorded at all, is listed too)
-                await self._leave_unsettled(charge.idempotency_key, settled.reason,
-                                            settled.kind == "error")
-                self._remember(CycleResult(cycle, due, settled.kind, attempts, None,
-                                           settled.result.carrier_code if settled.result
-                                           else None))
-                self._set_status(ACTIVE)
-                return
+                late = await self._leave_unsettled(charge.idempotency_key, settled.reason,
+                                                   settled.kind == "error")
+                if late is None or late.state != "settled" or late.outcome is None:
+                    self._remember(CycleResult(cycle, due, settled.kind, attempts, None,
+                                               settled.result.carrier_code if settled.result
+                                               else None))
+                    self._set_status(ACTIVE)
+                    return
+                # the carrier's own result arrived while we gave up: it decides the cycle
+                settled = Settled("final", ChargeOutput(late.outcome, late.carrier_reference))
             result = settled.result
             assert result is not None
             last_code = result.carrier_code
@@ -232,18 +239,24 @@ class SubscriptionWorkflow:
             charge.idempotency_key, charge.carrier_id, attempt, summary, bounds,
             lambda: self._state.cancel_requested, self._set_transient_issue)
 
-    async def _leave_unsettled(self, key: str, reason: str, configuration: bool) -> None:
+    async def _leave_unsettled(self, key: str, reason: str, configuration: bool
+                               ) -> LateSettlementOutput | None:
+        """Lists the charge as unsettled; a result the carrier pushed meanwhile settles it."""
         workflow.logger.warning("charge %s left unsettled: %s", key, reason)
-        await workflow.execute_activity_method(
+        late = await workflow.execute_activity_method(
             BillingActivities.record_unsettled_operation, UnsettledInput(key, reason),
-            start_to_close_timeout=timedelta(seconds=30), summary=f"list {key} as unsettled")
+            start_to_close_timeout=timedelta(seconds=60), summary=f"list {key} as unsettled")
+        if late is not None and late.state == "settled":
+            return late
         if configuration:
             self._state.configuration_error = reason[:300]
         else:
             keys = self._state.unsettled_keys
             keys.append(key)
             del keys[:-UNSETTLED_KEYS_KEPT]
+            self._state.unsettled_count += 1
         self._refresh_issue()
+        return late
 
     def _set_transient_issue(self, issue: str | None) -> None:
         self._transient_issue = issue
@@ -252,7 +265,7 @@ class SubscriptionWorkflow:
     def _refresh_issue(self) -> None:
         present = {
             "configuration": self._state.configuration_error is not None,
-            "unsettled": bool(self._state.unsettled_keys),
+            "unsettled": self._state.unsettled_count > 0 or bool(self._state.unsettled_keys),
             "credentials_rejected": self._transient_issue == "credentials_rejected",
         }
         issue = next((name for name in ISSUE_PRIORITY if present[name]), None)

@@ -47,8 +47,10 @@ class BillingState:
     runs: int = 1
     # the latest cycles only, so the state carried across continue-as-new stays small
     recent_cycles: list[CycleResult] = field(default_factory=list)
-    # keys of charges left unsettled and not yet settled late
+    # keys of the latest charges left unsettled and not yet settled late (bounded), and how
+    # many are unsettled in all (the database's count, refreshed when one is settled late)
     unsettled_keys: list[str] = field(default_factory=list)
+    unsettled_count: int = 0
     cycles_not_charged: int = 0
     # what an operator must look at, if anything (the BillingIssue search attribute)
     billing_issue: str | None = None

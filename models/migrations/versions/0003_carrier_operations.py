@@ -29,6 +29,8 @@ def upgrade() -> None:
     sa.Column('due_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('sends', sa.Integer(), nullable=False),
+    sa.Column('last_sent_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('ambiguous', sa.Boolean(), nullable=False),
     sa.Column('outcome', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('carrier_reference', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('carrier_code', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
