@@ -51,7 +51,7 @@ log = logging.getLogger("chaos")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subscriptions", type=int, default=24, help="per phase")
+    parser.add_argument("--subscriptions", type=int, default=32, help="per phase")
     parser.add_argument("--seconds", type=float, default=45.0, help="billing time per phase")
     parser.add_argument("--quiesce-seconds", type=float, default=75.0)
     parser.add_argument("--phases", default=",".join(PHASES),

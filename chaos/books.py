@@ -38,6 +38,7 @@ from models.tables import (
 OPEN = ("sending", "pending")
 UNSETTLED = "unsettled"
 SMPP_PREFIX = "smpp-"
+CREDENTIAL_CODES = {"401", "403", "AUTH"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class OpRow:
     outcome: str | None
     sends: int
     created_at: str = ""
+    carrier_code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ class Check:
     unsettled_with_debit: int = 0
     open: int = 0  # operations still sending or pending
     open_with_debit: int = 0
+    # cycles settled as refused because the carrier refused our credentials (they must stay
+    # transient: the carrier did nothing, and rotating them back must let billing go on)
+    credentials_failed: int = 0
     problems: list[str] = field(default_factory=list)
     # keys behind the problems, and the operations still open or unsettled (for the evidence)
     problem_keys: set[str] = field(default_factory=set)
@@ -230,6 +235,12 @@ def reconcile(snapshot: Snapshot, scope: set[int] | None = None) -> Check:
     for op in ops.values():
         if not in_scope(op.subscription_id):
             continue
+        if op.state == "settled" and op.outcome == "rejected" and (
+                op.carrier_code or "").upper() in CREDENTIAL_CODES:
+            check.credentials_failed += 1
+            check.problems.append(f"credentials: {op.key} at {op.carrier_id} settled as "
+                                  f"rejected ({op.carrier_code}): a cycle failed on our "
+                                  "credentials")
         if op.state == UNSETTLED:
             check.unsettled += 1
         elif op.state in OPEN:
@@ -271,7 +282,7 @@ def read_records(engine: Engine) -> tuple[list[LedgerRow], list[OpRow], list[Sub
         ops = [OpRow(o.idempotency_key, str(o.kind.value if hasattr(o.kind, "value") else o.kind),
                      o.carrier_id, o.subscription_id, o.cycle, o.amount_minor, o.currency,
                      str(o.state.value if hasattr(o.state, "value") else o.state), o.outcome,
-                     o.sends, o.created_at.isoformat())
+                     o.sends, o.created_at.isoformat(), o.carrier_code)
                for o in session.exec(select(CarrierOperation)).all()]
         submissions = [SubmissionRow(s.carrier_id, s.idempotency_key, s.message_id)
                        for s in session.exec(select(SmppSubmission)).all()]

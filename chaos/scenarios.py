@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -89,7 +90,7 @@ def unsettleable(carrier: CarrierConfig) -> bool:
 
 @dataclass
 class Config:
-    subscriptions: int = 24
+    subscriptions: int = 32
     seconds: float = 45.0
     quiesce_seconds: float = 75.0
     seed: int = 7
@@ -144,11 +145,13 @@ async def carrier_faults(ctx: Context, seconds: float, result: PhaseResult) -> N
     most every few seconds (so most are met before the phase ends), and credentials rotated
     by four carriers for a while."""
     carriers = [ctx.registry.carriers[c] for c in CARRIERS]
-    queues = {c.id: ctx.rng.sample(list(fault_kinds(c)), len(fault_kinds(c))) for c in carriers}
+    queues = {c.id: _queue(ctx.rng, fault_kinds(c)) for c in carriers}
+    subs_per_carrier = max(1, ctx.config.subscriptions // len(CARRIERS))
     began = time.monotonic()
     rotated = False
     restored = False
-    per_carrier_gap = 4.0
+    # about one charge per fault: a fault not met before the phase ends is wasted
+    per_carrier_gap = 10.0 / subs_per_carrier + 0.5
     last: dict[str, float] = {}
     while (elapsed := time.monotonic() - began) < seconds:
         if not rotated and elapsed >= seconds * 0.2:
@@ -181,16 +184,51 @@ async def restore_credentials(ctx: Context) -> None:
                     {"carrier": carrier_id, "password": ctx.stack.secrets[ref]})
 
 
-def _kill_times(seconds: float, count: int) -> list[float]:
-    return [seconds * (i + 1) / (count + 1) for i in range(count)]
+# the faults after which money may have moved with no answer, met first
+REPLY_LOST = ("reset_after_debit", "timeout_after_debit", "commit_after_reply", "no_callback",
+              "late_callback", "lookup_error")
 
 
-async def _at_times(seconds: float, count: int, action: Callable[[], Awaitable[None]]) -> None:
+def _queue(rng: random.Random, kinds: tuple[str, ...]) -> list[str]:
+    """A carrier's faults in the order they are popped (from the end): reply-lost first."""
+    first = [k for k in kinds if k in REPLY_LOST]
+    rest = [k for k in kinds if k not in REPLY_LOST]
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    return rest + first
+
+
+async def reply_lost_background(ctx: Context, seconds: float, result: PhaseResult,
+                                every: float = 3.0) -> None:
+    """Alongside a process fault: a reply-lost carrier fault every few seconds, so kills and
+    restarts meet operations that are being settled."""
+    carriers = [ctx.registry.carriers[c] for c in CARRIERS]
     began = time.monotonic()
-    for at in _kill_times(seconds, count):
-        await asyncio.sleep(max(0.0, began + at - time.monotonic()))
-        await action()
-    await asyncio.sleep(max(0.0, began + seconds - time.monotonic()))
+    while time.monotonic() - began < seconds:
+        carrier = ctx.rng.choice(carriers)
+        kind = ctx.rng.choice([k for k in fault_kinds(carrier) if k in REPLY_LOST])
+        if await _post(ctx.stack.sim_url, "/_control/faults", fault_body(carrier, kind)):
+            result.faults += 1
+        await asyncio.sleep(every)
+
+
+def _kill_times(rng: random.Random, seconds: float, count: int) -> list[float]:
+    """Spread over the phase, each jittered so kills meet charges at any point."""
+    slot = seconds / (count + 1)
+    return [slot * (i + 1) + rng.uniform(-slot / 3, slot / 3) for i in range(count)]
+
+
+async def _at_times(ctx: Context, seconds: float, count: int, result: PhaseResult,
+                    action: Callable[[], Awaitable[None]]) -> None:
+    background = asyncio.create_task(reply_lost_background(ctx, seconds, result))
+    try:
+        began = time.monotonic()
+        for at in _kill_times(ctx.rng, seconds, count):
+            await asyncio.sleep(max(0.0, began + at - time.monotonic()))
+            await action()
+        await asyncio.sleep(max(0.0, began + seconds - time.monotonic()))
+    finally:
+        background.cancel()
 
 
 def _restart(ctx: Context, name: str, down_seconds: float, result: PhaseResult
@@ -205,7 +243,7 @@ def _restart(ctx: Context, name: str, down_seconds: float, result: PhaseResult
 
 
 async def worker_kills(ctx: Context, seconds: float, result: PhaseResult) -> None:
-    """SIGKILL the worker three times while it bills (and the callback receiver once)."""
+    """SIGKILL the worker four times while it bills (and the callback receiver once)."""
     kill_worker = _restart(ctx, "worker", 1.0, result)
     kill_receiver = _restart(ctx, "callbacks", 1.0, result)
     count = 0
@@ -216,12 +254,12 @@ async def worker_kills(ctx: Context, seconds: float, result: PhaseResult) -> Non
         await kill_worker()
         if count == 2:
             await kill_receiver()
-    await _at_times(seconds, 3, action)
+    await _at_times(ctx, seconds, 4, result, action)
 
 
 async def simulator_kills(ctx: Context, seconds: float, result: PhaseResult) -> None:
     """SIGKILL the simulator (HTTP carriers and the SMSC) twice; it restarts on its books."""
-    await _at_times(seconds, 2, _restart(ctx, "simulator", 2.0, result))
+    await _at_times(ctx, seconds, 3, result, _restart(ctx, "simulator", 2.0, result))
 
 
 async def postgres_restart(ctx: Context, seconds: float, result: PhaseResult) -> None:
@@ -233,20 +271,20 @@ async def postgres_restart(ctx: Context, seconds: float, result: PhaseResult) ->
         log.info("PostgreSQL immediate stop, restart")
         result.faults += 1
         await asyncio.to_thread(postgres.restart, 4.0)
-    await _at_times(seconds, 1, action)
+    await _at_times(ctx, seconds, 1, result, action)
 
 
 async def temporal_restart(ctx: Context, seconds: float, result: PhaseResult) -> None:
     """SIGKILL the Temporal dev server; it restarts on the same SQLite file."""
-    await _at_times(seconds, 1, _restart(ctx, "temporal", 3.0, result))
+    await _at_times(ctx, seconds, 2, result, _restart(ctx, "temporal", 3.0, result))
 
 
 PHASES: dict[str, tuple[str, Injector]] = {
     "carriers": ("carrier misbehaviour, every family", carrier_faults),
-    "worker": ("worker SIGKILLed 3x (receiver 1x)", worker_kills),
-    "simulator": ("simulator + SMSC SIGKILLed 2x", simulator_kills),
-    "postgres": ("PostgreSQL stopped 4 s under load", postgres_restart),
-    "temporal": ("Temporal dev server SIGKILLed", temporal_restart),
+    "worker": ("worker SIGKILLed 4x (receiver 1x), reply-lost faults", worker_kills),
+    "simulator": ("simulator + SMSC SIGKILLed 3x, reply-lost faults", simulator_kills),
+    "postgres": ("PostgreSQL stopped 4 s under load, reply-lost faults", postgres_restart),
+    "temporal": ("Temporal dev server SIGKILLed 2x, reply-lost faults", temporal_restart),
 }
 
 
@@ -270,9 +308,13 @@ async def start_subscriptions(ctx: Context, count: int) -> list[int]:
                 balance = to_decimal(amount * rng.randint(1, 3), currency)
                 await _post(ctx.stack.sim_url, "/_control/accounts",
                             {"carrier": carrier.id, "msisdn": msisdn, "balance": str(balance)})
+            # first charges spread over one interval: kills meet charges at every stage
+            first = datetime.now(UTC) + timedelta(seconds=rng.uniform(1, price.interval_seconds
+                                                                      or 10))
             started = await ctx.client.start_subscription(StartSubscriptionRequest(
                 msisdn=msisdn, product_id=price.product, amount_minor=amount,
-                currency=currency, period=Period.INTERVAL, carrier_id=carrier.id))
+                currency=currency, period=Period.INTERVAL, carrier_id=carrier.id,
+                first_charge_at=first))
         ids.append(started.subscription_id)
         ctx.carrier_of[started.subscription_id] = carrier.id
 
@@ -312,16 +354,22 @@ async def cancel_all(ctx: Context, ids: list[int], bound: float) -> list[int]:
 
 
 async def _busy_workflows(ctx: Context, ids: list[int]) -> int:
-    """Workflows still running an activity (one may be about to send)."""
+    """Workflows still running a charge activity (one may be about to send)."""
     busy = 0
     for sid in ids:
         try:
             described = await asyncio.wait_for(ctx.client.handle(sid).describe(), 5)
-        except Exception:  # noqa: BLE001 (unreachable counts as busy)
+        except Exception as exc:  # noqa: BLE001 (unreachable counts as busy)
+            log.info("describe subscription %s: %r", sid, exc)
             busy += 1
             continue
-        if (described.status == WorkflowExecutionStatus.RUNNING
-                and described.raw_description.pending_activities):
+        if described.status != WorkflowExecutionStatus.RUNNING:
+            continue
+        charging = [a for a in described.raw_description.pending_activities
+                    if a.activity_type.name in ("charge_subscription", "refund_charge")]
+        if charging:
+            log.info("subscription %s still runs %s (attempt %d)", sid,
+                     charging[0].activity_type.name, charging[0].attempt)
             busy += 1
     return busy
 
