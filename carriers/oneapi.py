@@ -73,6 +73,10 @@ def refund_body(request: RefundRequest) -> dict[str, Any]:
 def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
     """Conservative: only an explicit success or a known exception is final; anything else is
     UNKNOWN and gets settled by repeating the same clientCorrelator."""
+    if reply.status_code in (401, 403):  # whatever the body says: our credentials, not the sale
+        refused = refusal(reply)
+        assert refused is not None
+        return refused
     try:
         body = json.loads(reply.text) if reply.text else {}
     except json.JSONDecodeError:

@@ -80,7 +80,17 @@ class _SoapReply:
     encoding: str = "utf-8"
 
 
+# WS-Security 1.1 SOAP fault codes (wsse:...) for a request whose security header was refused:
+# our credentials, never the subscriber's doing, and nothing was processed
+WSSE_AUTH_FAULTS = {"FailedAuthentication", "InvalidSecurity", "InvalidSecurityToken",
+                    "FailedCheck", "SecurityTokenUnavailable", "MessageExpired"}
+
+
 def _fault_outcome(fault: Fault) -> OperationResult:
+    code = str(fault.code or "")
+    if code.rpartition(":")[2] in WSSE_AUTH_FAULTS:
+        return OperationResult(outcome=Outcome.TRANSIENT, carrier_code="AUTH",
+                               message=f"credentials refused: {fault.message or code}")
     message_id = ""
     if fault.detail is not None:
         for element in fault.detail.iter():

@@ -75,6 +75,16 @@ class ParlayXCarrier:
         return web.Response(status=500, text=envelope(body), content_type="text/xml")
 
     @staticmethod
+    def auth_failed() -> web.Response:
+        """WS-Security 1.1's fault for a security header that does not authenticate."""
+        body = ('<soapenv:Fault xmlns:wsse="http://docs.oasis-open.org/wss/2004/01/'
+                'oasis-200401-wss-wssecurity-secext-1.0.xsd">'
+                "<faultcode>wsse:FailedAuthentication</faultcode>"
+                "<faultstring>The security token could not be authenticated or authorized"
+                "</faultstring></soapenv:Fault>")
+        return web.Response(status=500, text=envelope(body), content_type="text/xml")
+
+    @staticmethod
     def unsupported(operation: str) -> web.Response:
         """A plain SOAP fault, as a gateway's stack answers an operation it does not have."""
         body = ("<soapenv:Fault><faultcode>soapenv:Client</faultcode>"
@@ -117,7 +127,7 @@ class ParlayXCarrier:
         if document is None:
             return self.fault(carrier, "ServiceException", "SVC0001", "malformed request")
         if not self.authenticated(carrier, document):
-            return self.fault(carrier, "PolicyException", "POL0001", "authentication failed")
+            return self.auth_failed()
         msisdn = _text(document, "endUserIdentifier").removeprefix("tel:")
         balance = self.core.books[carrier.carrier_id].account(msisdn).balance
         return web.Response(content_type="text/xml", text=envelope(
@@ -130,7 +140,7 @@ class ParlayXCarrier:
         if document is None:
             return self.fault(carrier, "ServiceException", "SVC0001", "malformed request")
         if not self.authenticated(carrier, document):
-            return self.fault(carrier, "PolicyException", "POL0001", "authentication failed")
+            return self.auth_failed()
         body = document.find(f"{{{SOAP_ENV}}}Body")
         operation = etree.QName(body[0]).localname if body is not None and len(body) else ""
         msisdn = _text(document, "endUserIdentifier").removeprefix("tel:")
@@ -141,7 +151,7 @@ class ParlayXCarrier:
                 return self.unsupported(operation)
             lookup_fault = self.core.take_lookup_fault(carrier.carrier_id)
             if lookup_fault is not None and lookup_fault.status == 401:
-                return self.fault(carrier, "PolicyException", "POL0001", "authentication failed")
+                return self.auth_failed()
             if lookup_fault is not None:
                 return self.fault(carrier, "ServiceException", "SVC0001", "service error")
             txn = book.find(reference)

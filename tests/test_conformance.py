@@ -71,18 +71,8 @@ CREDENTIAL_CODES = {"401", "403", "AUTH", "ESME_RINVPASWD", "ESME_RINVSYSID"}
 TIMEOUT_SECONDS = 0.5
 
 # Known adapter bugs this suite has found, (clause, protocol, auth kind) -> why. Strict: once a
-# bug is fixed its clause passes, the xfail fails, and the entry must go.
-_ONEAPI_401 = ("carriers/oneapi.py map_reply reads a 401's requestError (policyException "
-               "POL0001) through outcome_for before refusal(): credentials refused is REJECTED")
-_PARLAYX_POL0001 = ("the Parlay X simulator refuses credentials with a SOAP fault POL0001 "
-                    "'authentication failed' (HTTP 500), which carriers/parlayx.py "
-                    "_fault_outcome maps to REJECTED")
-KNOWN_BUGS: dict[tuple[str, str, str], str] = {
-    ("credentials", "oneapi", "basic"): _ONEAPI_401,
-    ("rotation", "oneapi", "basic"): _ONEAPI_401,
-    ("credentials", "parlayx", "*"): _PARLAYX_POL0001,
-    ("rotation", "parlayx", "*"): _PARLAYX_POL0001,
-}
+# bug is fixed its clause passes, the xfail fails, and the entry must go. (None open.)
+KNOWN_BUGS: dict[tuple[str, str, str], str] = {}
 
 
 # -- which carriers a clause applies to ------------------------------------------------------

@@ -34,6 +34,7 @@ def test_charged_with_reference_succeeds() -> None:
     (409, error("serviceException", "SVC0005"), Outcome.UNKNOWN),
     (400, error("serviceException", "SVC4242"), Outcome.UNKNOWN),
     (401, {"message": "bad credentials"}, Outcome.TRANSIENT),  # an operator fixes it
+    (401, error("policyException", "POL0001"), Outcome.TRANSIENT),  # whatever the body says
     (503, "busy", Outcome.TRANSIENT),
     (500, "oops", Outcome.UNKNOWN),
     (201, "<html>not json</html>", Outcome.UNKNOWN),
