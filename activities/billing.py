@@ -64,7 +64,8 @@ from models.tables import (
 
 log = logging.getLogger(__name__)
 
-CREDENTIAL_CODES = {"401", "403", "AUTH"}
+# carrier codes that mean our credentials were refused (HTTP, OAuth2/WS-Security, SMPP bind)
+CREDENTIAL_CODES = {"401", "403", "AUTH", "ESME_RINVPASWD", "ESME_RINVSYSID"}
 _FINAL = {Outcome.SUCCEEDED, Outcome.INSUFFICIENT_FUNDS, Outcome.REJECTED}
 
 

@@ -433,8 +433,8 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
             # with the SMSC's code saying why (nothing was sent either way)
             result = OperationResult(
                 outcome=Outcome.TRANSIENT, carrier_code=unbound.name,
-                message="SMSC refused our bind (credentials)" if unbound in _BAD_LOGIN
-                else "no bound session with the SMSC")
+                message="SMSC refused our bind (credentials)"
+                if self._bind_status in _BAD_LOGIN else "no bound session with the SMSC")
             await self._sink(self._record(operation, key, summary, "", result.outcome.value,
                                           started))
             return result, None, True
