@@ -1,0 +1,96 @@
+"""Second adversarial review of the money paths, after the fixes of 90181ce. Each test's
+docstring tells the attack as it succeeds today; its name tells the guarantee that should
+hold. Real stack (time-skipping server, simulators on sockets, real receiver and worker) where
+feasible; otherwise a focused test of the deciding function or store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+from sqlalchemy.engine import Engine
+from temporalio.testing import WorkflowEnvironment
+
+from models.tables import OperationState
+from starter import SubscriptionClient
+from tests.conftest import Simulator
+from tests.test_attacks import debits, ledger_of, msisdn_for, op, run_until, subscribe
+
+# -- 1. CAMARA look-ups never work on SQLite ------------------------------------------------------
+
+
+async def test_a_camara_debit_whose_event_never_comes_is_settled_by_look_up(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment,
+) -> None:
+    """br-ipe (CAMARA, declares a status look-up) takes the charge ("processing", with its
+    paymentId) and debits it, but its CloudEvent never reaches us. The workflow settles by
+    look-up after 20 s — and every look-up raises ``TypeError: can't compare offset-naive and
+    offset-aware datetimes``: ``_run`` passes ``sent_at=operation.created_at`` raw (SQLite, the
+    embedded default, gives naive datetimes back; only ``last_sent_at`` goes through
+    ``_aware``), and ``CamaraAdapter.status`` (changed in 90181ce) does
+    ``max(request.last_sent_at or sent, sent)``. The activity fails on every attempt, so no
+    CAMARA charge or refund can ever be settled by look-up: a debit whose event is lost has no
+    ledger row and ends unsettled; a denial event is never confirmed (so an out-of-credit
+    subscriber is never retried), and ``starter.py settle`` fails the same way."""
+    carrier_id = "br-ipe"
+    msisdn = msisdn_for(carrier_id, "r2-camara-no-event")
+    await simulator.fault(carrier_id, "no_callback", msisdn)
+    started = await subscribe(client, carrier_id, msisdn)
+    key = f"{started.key_prefix}-c1-a0"
+    handle = client.handle(started.subscription_id)
+    try:
+        state = await run_until(temporal_env, handle, lambda s: s.recent_cycles,
+                                step=timedelta(seconds=30), rounds=40)
+        outcomes = [c.outcome for c in state.recent_cycles]
+    except AssertionError:
+        outcomes = []
+    record = op(engine, key)
+    taken = await debits(simulator, carrier_id, msisdn)
+    await client.cancel_subscription(started.subscription_id)
+    assert len(taken) == 1
+    assert outcomes == ["succeeded"] and [
+        e.idempotency_key for e in ledger_of(engine, started.subscription_id)] == [key], (
+        f"the carrier debited {taken[0]['amount'] if taken else '?'} and answers look-ups, "
+        f"but after 20 minutes the cycle is {outcomes} and the operation "
+        f"{record.state if record else None!r} ({record.message if record else ''!r})")
+
+
+# -- 2. SMPP: a redelivered receipt of the same subscriber's earlier message ---------------------
+
+
+def test_an_smpp_receipt_for_an_earlier_message_never_settles_the_next_one_on_a_reused_id(
+    engine: Engine,
+) -> None:
+    """Round 1's fix filters receipts by the subscriber's number, but an SMSC that reuses
+    message ids reuses them for the same subscriber too. Month 1's charge to A was refused
+    for credit (REJECTD, err 088) under id M; month 2's charge to A is given M again. The
+    SMSC redelivers month 1's receipt (it does so after every rebind until acknowledged; ours
+    was lost with a dying worker). ``_match_receipt`` finds both rows by (id, number) and
+    prefers the *open* one: month 2 is marked failed, insufficient funds — the "look-up" that
+    confirms a negative for SMPP reads that very row — and the workflow charges slot a1 under
+    a new key, although month 2's message was delivered and billed: a second debit. The
+    receipt even carries month 1's ``user_message_reference`` (which names month 1's row), and
+    it is ignored whenever the message id matched."""
+    from models.smpp_store import SubmissionStore
+
+    store = SubmissionStore(engine)
+    carrier_id = "gb-mersey"
+    reused = f"reused-{uuid.uuid4().hex[:8]}"
+    msisdn = "+447700900303"
+    month1, month2 = f"r2-m1-{reused}", f"r2-m2-{reused}"
+
+    old, _ = store._reserve(carrier_id, month1, msisdn)
+    store._submitted(carrier_id, month1, reused)
+    assert old.id is not None
+    store._settled(old.id, False, reused, "REJECTD", "088")
+    new, _ = store._reserve(carrier_id, month2, msisdn)
+    store._submitted(carrier_id, month2, reused)
+    assert new.id is not None and new.user_reference != old.user_reference
+
+    # month 1's receipt, redelivered: its message id, and month 1's user_message_reference
+    matched = store._match_receipt(carrier_id, reused, old.user_reference, msisdn)
+    assert matched is None or matched.idempotency_key == month1, (
+        f"month 1's receipt (user reference {old.user_reference}) was matched to the open "
+        f"{matched.idempotency_key} (user reference {matched.user_reference})")
