@@ -6,13 +6,20 @@ feasible; otherwise a focused test of the deciding function or store."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import timedelta
+from typing import Any
 
+import httpx
+import pytest
 from sqlalchemy.engine import Engine
 from temporalio.testing import WorkflowEnvironment
 
+from carriers.auth import callback_signature
+from carriers.base import LookupResult, StatusRequest
 from models.tables import OperationState
+from settings import Settings
 from starter import SubscriptionClient
 from tests.conftest import Simulator
 from tests.test_attacks import debits, ledger_of, msisdn_for, op, run_until, subscribe
@@ -94,3 +101,75 @@ def test_an_smpp_receipt_for_an_earlier_message_never_settles_the_next_one_on_a_
     assert matched is None or matched.idempotency_key == month1, (
         f"month 1's receipt (user reference {old.user_reference}) was matched to the open "
         f"{matched.idempotency_key} (user reference {matched.user_reference})")
+
+
+# -- 3. a late settlement pinned to the first report it was started with -------------------------
+
+
+async def test_a_final_result_pushed_while_a_late_settlement_runs_is_applied(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine, settings: Settings,
+    temporal_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fr-cote's charge is left unsettled (no callback, look-ups failing). Days later the
+    aggregator flushes its queue: an interim "accepted" callback, then, a second later, the
+    genuine "completed". The relay starts ``LateSettlementWorkflow`` (``settle-<key>``) with
+    the interim report. The "completed" one is stored on the record, and the relay asks to
+    start ``settle-<key>`` again — ``USE_EXISTING``, so it gets the run already going, whose
+    input is the interim report, and returns "settling". That run settles by
+    ``_reported(operation, relayed)``, which prefers the *relayed* "pending" over the stored
+    final "succeeded", looks up (failing), and ends unsettled. No run ever reads the stored
+    success: the debit stays unsettled with no ledger row although the carrier's final result
+    is on the record ("late results still count")."""
+    import workflows.settle
+    from carriers.aggregator import JsonAggregatorAdapter
+
+    monkeypatch.setattr(workflows.settle, "MAX_SETTLE_ATTEMPTS", 2)
+    carrier_id = "fr-cote"
+    msisdn = msisdn_for(carrier_id, "r2-late-pinned")
+    prefix: list[str] = ["<none>"]
+    original = JsonAggregatorAdapter.status
+
+    async def slow_failing_lookup(self: JsonAggregatorAdapter, request: StatusRequest
+                                  ) -> LookupResult:
+        if not request.idempotency_key.startswith(prefix[0]):
+            return await original(self, request)
+        await asyncio.sleep(1.5)  # a carrier slow to answer, then failing
+        return LookupResult.failed("look-up unavailable", "500")
+
+    monkeypatch.setattr(JsonAggregatorAdapter, "status", slow_failing_lookup)
+    await simulator.fault(carrier_id, "no_callback", msisdn)
+    started = await subscribe(client, carrier_id, msisdn)
+    prefix[0] = started.key_prefix
+    key = f"{started.key_prefix}-c1-a0"
+    handle = client.handle(started.subscription_id)
+    state = await run_until(temporal_env, handle, lambda s: s.recent_cycles,
+                            step=timedelta(minutes=2), rounds=30)
+    assert [c.outcome for c in state.recent_cycles] == ["unsettled"]
+    record = op(engine, key)
+    assert record is not None and record.state == OperationState.UNSETTLED
+
+    # the aggregator's interim callback, signed with its own key, then the genuine final one
+    secret = settings.carrier_secrets["fr-cote-callback"].get_secret_value()
+    interim = json.dumps({"order_id": key, "payment_id": record.carrier_reference,
+                          "status": "accepted"}).encode()
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            f"{settings.callback_base_url}/callbacks/{carrier_id}", content=interim,
+            headers={"Content-Type": "application/json",
+                     "X-Callback-Signature": callback_signature(secret, interim)})
+        assert answer.status_code == 200 and answer.json()["status"] == "settling", answer.text
+        final = await simulator.control("callback", {"carrier": carrier_id, "key": key,
+                                                     "outcome": "success"})
+        assert final["status"] == 200, final
+    late = temporal_env.client.get_workflow_handle(f"settle-{key}")
+    settled: Any = await asyncio.wait_for(late.result(), 30)
+    await asyncio.sleep(0.5)
+    record = op(engine, key)
+    await client.cancel_subscription(started.subscription_id)
+    assert record is not None and record.reported_outcome == "succeeded"
+    assert len(await debits(simulator, carrier_id, msisdn)) == 1
+    assert record.state == OperationState.SETTLED and [
+        e.idempotency_key for e in ledger_of(engine, started.subscription_id)] == [key], (
+        f"the carrier's final success is on the record but the late settlement ran on the "
+        f"interim report and ended {settled!r}: operation {record.state!r}, "
+        f"ledger {ledger_of(engine, started.subscription_id)}")
