@@ -173,3 +173,69 @@ async def test_a_final_result_pushed_while_a_late_settlement_runs_is_applied(
         f"the carrier's final success is on the record but the late settlement ran on the "
         f"interim report and ended {settled!r}: operation {record.state!r}, "
         f"ledger {ledger_of(engine, started.subscription_id)}")
+
+
+# -- 4. giving up now does carrier I/O, retried forever, on the workflow's queue -----------------
+
+
+async def test_a_cycle_whose_charge_is_given_up_always_ends(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Since 90181ce ``record_unsettled_operation`` settles inline when a result was pushed
+    meanwhile: it calls ``settle_unsettled_operation``, i.e. the carrier's look-up. The
+    workflow runs it with ``start_to_close_timeout=60 s`` and *no* retry policy (unbounded
+    retries, no schedule-to-close), on the workflow's task queue (not the carrier's). A
+    look-up that raises (CAMARA's does on every call today, see test 1; any answer an adapter
+    cannot read) or that outlasts 60 s (CAMARA pages 20 times at the carrier timeout) makes
+    the activity fail forever: the subscription never records the cycle, never bills again,
+    and its run never ends, not even after a cancel. Here fr-cote's charge gets an
+    out-of-credit callback while its look-up raises."""
+    import workflows.settle
+    from carriers.aggregator import JsonAggregatorAdapter
+
+    monkeypatch.setattr(workflows.settle, "MAX_SETTLE_ATTEMPTS", 2)
+    carrier_id = "fr-cote"
+    msisdn = msisdn_for(carrier_id, "r2-give-up-hangs")
+    prefix: list[str] = ["<none>"]
+    original = JsonAggregatorAdapter.status
+
+    async def unreadable_lookup(self: JsonAggregatorAdapter, request: StatusRequest
+                                ) -> LookupResult:
+        if not request.idempotency_key.startswith(prefix[0]):
+            return await original(self, request)
+        raise AttributeError("'str' object has no attribute 'get'")  # an answer it cannot read
+
+    monkeypatch.setattr(JsonAggregatorAdapter, "status", unreadable_lookup)
+    await simulator.fault(carrier_id, "no_callback", msisdn)
+    started = await subscribe(client, carrier_id, msisdn)
+    prefix[0] = started.key_prefix
+    key = f"{started.key_prefix}-c1-a0"
+    await wait_pending(engine, key)
+    pushed = await simulator.control("callback", {"carrier": carrier_id, "key": key,
+                                                  "outcome": "insufficient_funds"})
+    assert pushed["status"] == 200, pushed
+    handle = client.handle(started.subscription_id)
+    try:
+        state = await run_until(temporal_env, handle, lambda s: s.recent_cycles,
+                                step=timedelta(hours=1), rounds=12)
+        outcomes = [c.outcome for c in state.recent_cycles]
+    except AssertionError:
+        outcomes = []
+    record = op(engine, key)
+    monkeypatch.setattr(JsonAggregatorAdapter, "status", original)
+    await client.cancel_subscription(started.subscription_id)
+    await handle.terminate("test over")  # it would never end by itself
+    assert outcomes == ["unsettled"], (
+        f"12 hours later cycle 1 is still open ({outcomes}); operation "
+        f"{record.state if record else None!r}: the workflow retries "
+        f"record_unsettled_operation forever")
+
+
+async def wait_pending(engine: Engine, key: str) -> None:
+    for _ in range(200):
+        found = op(engine, key)
+        if found is not None and found.state == OperationState.PENDING:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{key} never pending: {op(engine, key)}")
