@@ -239,3 +239,49 @@ async def wait_pending(engine: Engine, key: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{key} never pending: {op(engine, key)}")
+
+
+# -- 5. a refund owed that the carrier never accepted can never be sent again -------------------
+
+
+async def test_a_refund_the_carrier_only_ever_refused_is_sent_when_asked_again(
+    client: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mx-maya (Parlay X, declares neither a look-up nor deduplication) throttles a refund
+    for its whole week (Retry-After longer than the budget): every answer said "nothing was
+    done". Round 1's fix lists it: ``_mark_unsettled`` now moves RETRYABLE → UNSETTLED ("refund
+    owed, never accepted ... asking for it again ... sends only where that is safe"). But
+    asking again can never send it: ``reserve`` claims only RETRYABLE, so the UNSETTLED record
+    goes to ``settle``, which for a carrier without look-up or deduplication answers "unknown"
+    every time — although the operation was never ambiguous (``ambiguous`` is False, no
+    reference, no report), so sending it is exactly as safe as the first time. The refund the
+    subscriber is owed is listed forever and never paid."""
+    import workflows.settle
+
+    monkeypatch.setattr(workflows.settle, "MAX_SETTLE_ATTEMPTS", 3)
+    carrier_id = "mx-maya"
+    msisdn = msisdn_for(carrier_id, "r2-refund-owed")
+    started = await subscribe(client, carrier_id, msisdn)
+    handle = client.handle(started.subscription_id)
+    await run_until(temporal_env, handle, lambda s: s.charges_succeeded == 1,
+                    step=timedelta(seconds=30))
+    await simulator.fault(carrier_id, "throttle", msisdn, count=2, delay_seconds=10_000_000)
+    first = await client.refund(started.subscription_id, 1)
+    key = f"{started.key_prefix}-r1"
+    record = op(engine, key)
+    assert first.outcome == "unsettled" and record is not None
+    assert record.state == OperationState.UNSETTLED and not record.ambiguous
+    assert not [t for t in await simulator.transactions(carrier_id, msisdn)
+                if t["kind"] == "refund"]
+
+    # the carrier is fine again; the operator asks for the refund again
+    again = await client.refund(started.subscription_id, 1)
+    refunds = [t for t in await simulator.transactions(carrier_id, msisdn)
+               if t["kind"] == "refund"]
+    record = op(engine, key)
+    await client.cancel_subscription(started.subscription_id)
+    assert again.outcome == "succeeded" and len(refunds) == 1, (
+        f"a refund never accepted by the carrier is asked again and ends {again.outcome!r} "
+        f"({again.message!r}); operation {record.state if record else None!r}, "
+        f"sent {record.sends if record else 0} times, carrier refunds {len(refunds)}")
