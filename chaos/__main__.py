@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     faults = sum(r.faults for r in results)
     unsettled = final.unsettled + final.open
     console.print(f"total {time.monotonic() - began:.0f}s; unsettled = {final.unsettled} listed "
-                  f"+ {final.open} still pending (carriers that cannot settle by design); "
+                  f"+ {final.open} still pending (being settled, or at carriers with no look-up); "
                   f"logs in {args.data_dir}")
     print(f"chaos: {faults} faults, {final.charges} charges, {final.double} double, "
           f"{final.lost} lost, {unsettled} unsettled", flush=True)
