@@ -103,15 +103,18 @@ class _Context:
 
 
 def _reported(operation: CarrierOperation, relayed: CarrierReport | None) -> CarrierReport | None:
-    """The pushed result to settle by: the one relayed with this call, else the one stored."""
-    if relayed is not None and relayed.carrier_id in ("", operation.carrier_id):
-        return relayed
-    if operation.reported_outcome is None:
-        return None
-    return CarrierReport(idempotency_key=operation.idempotency_key,
-                         outcome=operation.reported_outcome,
-                         carrier_reference=operation.reported_reference,
-                         carrier_code=operation.reported_code, carrier_id=operation.carrier_id)
+    """The pushed result to settle by: a final one first (the one relayed with this call, or
+    the one stored, which may be newer), else whichever there is."""
+    if relayed is not None and relayed.carrier_id not in ("", operation.carrier_id):
+        relayed = None
+    stored = None if operation.reported_outcome is None else CarrierReport(
+        idempotency_key=operation.idempotency_key, outcome=operation.reported_outcome,
+        carrier_reference=operation.reported_reference, carrier_code=operation.reported_code,
+        carrier_id=operation.carrier_id)
+    candidates = [r for r in (relayed, stored) if r is not None]
+    final = [r for r in candidates if r.outcome in ops.FINAL_OUTCOMES]
+    chosen = final or candidates
+    return chosen[0] if chosen else None
 
 
 def _credentials_refused(result: OperationResult) -> bool:
@@ -257,7 +260,7 @@ class BillingActivities:
                 lookup = StatusRequest(
                     idempotency_key=spec.idempotency_key, msisdn=msisdn,
                     operation=spec.kind.value, original_carrier_reference=original,
-                    sent_at=operation.created_at,
+                    sent_at=_aware(operation.created_at),
                     last_sent_at=_aware(operation.last_sent_at) if operation.last_sent_at
                     else None)
                 held = ("a late settlement never sends" if not may_send
@@ -364,10 +367,14 @@ class BillingActivities:
 
     def _mark_unsettled(self, request: UnsettledInput) -> CarrierOperation | None:
         with Session(self._engine, expire_on_commit=False) as session:
-            ops.transition(session, request.idempotency_key, OperationState.UNSETTLED,
-                           allowed_from=(OperationState.SENDING, OperationState.PENDING,
-                                         OperationState.RETRYABLE),
-                           unsettled_reason=request.reason[:500])
+            reason = request.reason[:500]
+            # sent (or maybe sent) and unanswered: ambiguous for good. Refused outright and
+            # never accepted (a refund owed): not ambiguous, so asking again may send it
+            if not ops.transition(session, request.idempotency_key, OperationState.UNSETTLED,
+                                  allowed_from=(OperationState.SENDING, OperationState.PENDING),
+                                  unsettled_reason=reason, ambiguous=True):
+                ops.transition(session, request.idempotency_key, OperationState.UNSETTLED,
+                               allowed_from=(OperationState.RETRYABLE,), unsettled_reason=reason)
             # read after writing: a result the relay stored meanwhile is seen here, or the
             # relay sees UNSETTLED and starts a late settlement (it also writes, then reads)
             return ops.find(session, request.idempotency_key)
@@ -382,8 +389,13 @@ class BillingActivities:
         if operation is None or operation.reported_outcome is None \
                 or operation.state != OperationState.UNSETTLED:
             return None
-        return await self.settle_unsettled_operation(
-            LateSettlementInput(request.idempotency_key))
+        try:
+            return await self.settle_unsettled_operation(
+                LateSettlementInput(request.idempotency_key))
+        except Exception as exc:  # listed with its report: `starter.py settle` applies it
+            log.warning("%s: the result pushed meanwhile is kept, not applied yet: %s",
+                        request.idempotency_key, exc)
+            return None
 
     def _load(self, key: str) -> CarrierOperation:
         with Session(self._engine, expire_on_commit=False) as session:
@@ -412,6 +424,13 @@ class BillingActivities:
 
         result, operation, _ = await self._run(spec, None, never, request.reported,
                                                may_send=False)
+        if result.outcome not in _FINAL:
+            # a final result stored while this ran (the relay attaches later results to a
+            # settlement already running) is read now rather than waiting for another
+            fresh = await asyncio.to_thread(self._load, request.idempotency_key)
+            if fresh.reported_outcome in ops.FINAL_OUTCOMES and (
+                    fresh.reported_outcome != operation.reported_outcome):
+                result, operation, _ = await self._run(spec, None, never, None, may_send=False)
         if result.outcome in _FINAL:
             refunds_entry_id = None
             if operation.kind == LedgerKind.REFUND:
@@ -426,7 +445,7 @@ class BillingActivities:
 
     def _unsettled_count(self, subscription_id: int) -> int:
         with Session(self._engine) as session:
-            return len(ops.unsettled_of_subscription(session, subscription_id))
+            return len(ops.unsettled_charges(session, subscription_id))
 
     def _charge_entry_id(self, operation: CarrierOperation) -> int | None:
         with Session(self._engine, expire_on_commit=False) as session:

@@ -104,6 +104,10 @@ def map_created(reply: HttpReply, id_field: str, status_field: str) -> Operation
     return outcome_of(body.get(status_field), body.get(id_field))
 
 
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def sink_token(secret: str, key: str) -> str:
     """The sink credential of one operation: valid for events about that operation only, so
     a credential seen on one payment cannot settle another."""
@@ -229,8 +233,8 @@ class CamaraAdapter(HttpAdapter):
                 "refundStatus")
         else:
             path, id_field, status_field = "/payments", "paymentId", "paymentStatus"
-        sent = request.sent_at or datetime.now(UTC)
-        last = max(request.last_sent_at or sent, sent)
+        sent = _utc(request.sent_at) if request.sent_at else datetime.now(UTC)
+        last = max(_utc(request.last_sent_at) if request.last_sent_at else sent, sent)
         window = {"paymentCreationDate.gte": (sent - LOOKUP_MARGIN).isoformat(),
                   "paymentCreationDate.lte": (last + LOOKUP_WINDOW).isoformat()}
         for page in range(1, MAX_PAGES + 1):

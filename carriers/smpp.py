@@ -465,7 +465,9 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
         await self._sink(self._record(operation, key, summary,
                                       f"submit_sm_resp {status.name} message_id={message_id}",
                                       result.outcome.value, started))
-        return result, message_id, result.outcome is not Outcome.PENDING
+        # refused (may be sent again) only when the SMSC said so outright; a generic_nack is
+        # unknown, so its submission stays open and is never sent again
+        return result, message_id, result.outcome in (Outcome.TRANSIENT, Outcome.REJECTED)
 
     async def charge(self, request: ChargeRequest) -> OperationResult:
         tariff = next((code for code, p in self._tariffs.items()

@@ -75,8 +75,12 @@ def reserve(session: Session, spec: OperationSpec) -> Reservation:
         raise OperationConflict(
             f"key {spec.idempotency_key} is already used for {existing.kind} "
             f"{existing.amount_minor} {existing.currency} on {existing.carrier_id}")
-    if existing.state == OperationState.RETRYABLE and not existing.ambiguous and claim_resend(
-            session, existing.idempotency_key, (OperationState.RETRYABLE,)):
+    # refused outright before (or listed as owed after being refused outright): nothing
+    # happened at the carrier, so it may be sent again
+    never_taken = not existing.ambiguous and not existing.carrier_reference \
+        and existing.reported_outcome is None
+    if existing.state in (OperationState.RETRYABLE, OperationState.UNSETTLED) and never_taken \
+            and claim_resend(session, existing.idempotency_key, (OperationState(existing.state),)):
         session.refresh(existing)
         return Reservation(existing, True)
     return Reservation(existing, False)
@@ -143,7 +147,8 @@ def unsettled(session: Session, carrier_id: str | None = None) -> list[CarrierOp
     return list(session.exec(query).all())
 
 
-def unsettled_of_subscription(session: Session, subscription_id: int) -> list[CarrierOperation]:
+def unsettled_charges(session: Session, subscription_id: int) -> list[CarrierOperation]:
     return list(session.exec(select(CarrierOperation).where(
         CarrierOperation.subscription_id == subscription_id,
+        CarrierOperation.kind == LedgerKind.CHARGE,
         CarrierOperation.state == OperationState.UNSETTLED)).all())

@@ -132,15 +132,20 @@ class SubmissionStore:
                        msisdn: str) -> SmppSubmission | None:
         with Session(self._engine) as session:
             if message_id:
-                # SMSCs reuse message ids: only this subscriber's submissions can be meant (a
-                # receipt for another number must never settle this one), and of those the
-                # one still waiting wins, then the newest
-                rows = session.exec(select(SmppSubmission).where(
+                # SMSCs reuse message ids, even for one subscriber: only this number's
+                # submissions can be meant, and among several only the one our reference
+                # names; a receipt that could belong to another (perhaps final) submission
+                # settles none
+                rows = list(session.exec(select(SmppSubmission).where(
                     SmppSubmission.carrier_id == carrier_id,
                     SmppSubmission.message_id == message_id,
-                    SmppSubmission.msisdn == msisdn)).all()
-                if rows:
-                    return max(rows, key=lambda r: (r.state in OPEN_STATES, r.id or 0))
+                    SmppSubmission.msisdn == msisdn)).all())
+                if user_reference is not None:  # the reference we sent names the submission
+                    rows = [r for r in rows if r.user_reference == user_reference]
+                if len(rows) == 1:
+                    return rows[0]
+                if rows:  # the id was reused and nothing tells which: query_sm decides
+                    return None
             if user_reference is None:
                 return None
             # the submit_sm_resp was lost: match the reference we sent, for this number

@@ -519,7 +519,7 @@ async def test_rotated_credentials_refuse_the_old_secret_and_old_tokens() -> Non
         await sim.control("credentials", {"carrier": PARLAYX_NO_PROMISES, "password": "x"})
         reply = await sim.parlayx(PARLAYX_NO_PROMISES, "chargeAmount", msisdn, key(),
                                   password=old)
-        assert reply.status_code == 500 and "POL0001" in reply.text
+        assert reply.status_code == 500 and "wsse:FailedAuthentication" in reply.text
         assert (await sim.parlayx(PARLAYX_NO_PROMISES, "chargeAmount", msisdn, key(),
                                   password="x")).status_code == 200
 

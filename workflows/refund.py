@@ -11,8 +11,8 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
-    from activities.messages import CarrierReport, RefundInput, RefundOutput, UnsettledInput
-    from workflows.settle import OperationSettler, SettleBounds
+    from activities.messages import CarrierReport, RefundInput, RefundOutput
+    from workflows.settle import OperationSettler, SettleBounds, record_unsettled
     from workflows.types import RefundRequestInput
 
 REFUND_RETRY = RetryPolicy(
@@ -70,9 +70,7 @@ class RefundWorkflow:
         # (asking for it again looks it up, and sends only where that is safe)
         reason = (f"refund owed, never accepted: {settled.reason}"
                   if settled.kind == "not_sent" else settled.reason)
-        late = await workflow.execute_activity_method(
-            BillingActivities.record_unsettled_operation, UnsettledInput(key, reason),
-            start_to_close_timeout=timedelta(seconds=60), summary=f"list {key} as unsettled")
+        late = await record_unsettled(key, reason)
         last = settled.result
         if late is not None and late.state == "settled" and late.outcome is not None:
             return RefundOutput(late.outcome, last.amount_minor if last else 0,

@@ -16,12 +16,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Generic, Protocol, TypeVar
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.billing import BillingActivities
+    from activities.messages import LateSettlementOutput, UnsettledInput
     from carriers.reports import CarrierReport
 
 
@@ -165,3 +169,19 @@ class OperationSettler:
             if self.issue is not None:
                 self.issue = None
                 on_issue(None)
+
+
+async def record_unsettled(key: str, reason: str) -> LateSettlementOutput | None:
+    """Lists an operation as unsettled (and applies a result its carrier pushed meanwhile).
+    Bounded: if our own database stays away, the workflow goes on, its state and BillingIssue
+    still naming the operation."""
+    try:
+        return await workflow.execute_activity_method(
+            BillingActivities.record_unsettled_operation, UnsettledInput(key, reason),
+            start_to_close_timeout=timedelta(seconds=60),
+            schedule_to_close_timeout=timedelta(minutes=10),
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+            summary=f"list {key} as unsettled")
+    except ActivityError as err:
+        workflow.logger.error("could not list %s as unsettled: %s", key, err.cause)
+        return None

@@ -18,13 +18,12 @@ with workflow.unsafe.imports_passed_through():
         LateSettlementOutput,
         SettledNotice,
         StatusInput,
-        UnsettledInput,
         charge_key,
     )
     from models.money import format_major
     from workflows import search_attributes as sa
     from workflows.schedule import due_at
-    from workflows.settle import OperationSettler, SettleBounds, Settled
+    from workflows.settle import OperationSettler, SettleBounds, Settled, record_unsettled
     from workflows.types import BillingState, CycleResult, SubscriptionInput
 
 # Only our own faults (database, a worker lost) are retried inside the activity, briefly: every
@@ -243,9 +242,7 @@ class SubscriptionWorkflow:
                                ) -> LateSettlementOutput | None:
         """Lists the charge as unsettled; a result the carrier pushed meanwhile settles it."""
         workflow.logger.warning("charge %s left unsettled: %s", key, reason)
-        late = await workflow.execute_activity_method(
-            BillingActivities.record_unsettled_operation, UnsettledInput(key, reason),
-            start_to_close_timeout=timedelta(seconds=60), summary=f"list {key} as unsettled")
+        late = await record_unsettled(key, reason)
         if late is not None and late.state == "settled":
             return late
         if configuration:
