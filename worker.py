@@ -98,6 +98,8 @@ async def run_worker(settings: Settings) -> None:
     engine = prepare_database(settings, registry)
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     adapters = make_adapter_pool(registry, settings, engine, client)
+    for carrier_id in registry.carriers:  # a promise an adapter cannot keep stops the start
+        adapters.get(carrier_id)
     adapters.start_sessions()
     try:
         stop = asyncio.Event()

@@ -158,3 +158,25 @@ async def test_camara_searches_a_narrow_window_around_the_first_send() -> None:
     lte = datetime.fromisoformat(seen[0]["paymentCreationDate.lte"])
     assert sent_at - timedelta(hours=1) < gte < sent_at < lte <= sent_at + timedelta(days=1)
     assert seen[0]["order"] == "asc"
+
+
+def test_a_lookup_promise_the_adapter_cannot_keep_stops_the_start() -> None:
+    from carriers.factory import CarrierConfigError, check_promises
+    from carriers.loader import default_registry
+
+    class NoLookup(FakeCarrier):
+        capabilities = frozenset({Capability.CHARGE})
+
+    carrier = default_registry().carriers["fr-azur"]
+    assert carrier.promises.status_lookup
+    with pytest.raises(CarrierConfigError, match="promises a status look-up"):
+        check_promises(carrier, NoLookup())
+
+
+def test_smpp_cannot_promise_deduplication() -> None:
+    from carriers.loader import CarrierConfig, default_registry
+
+    smpp = default_registry().carriers["pl-wisla"].model_dump()
+    smpp["promises"]["deduplicates_by_key"] = "replay"
+    with pytest.raises(ValueError, match="SMPP carries no idempotency key"):
+        CarrierConfig.model_validate(smpp)
