@@ -180,3 +180,31 @@ def test_smpp_cannot_promise_deduplication() -> None:
     smpp["promises"]["deduplicates_by_key"] = "replay"
     with pytest.raises(ValueError, match="SMPP carries no idempotency key"):
         CarrierConfig.model_validate(smpp)
+
+
+@pytest.mark.parametrize(("state", "lookup"), [
+    ("Charged", Lookup.FOUND),
+    ("NotFound", Lookup.NOT_FOUND),
+    ("Pending", Lookup.FAILED),  # a state we do not know is no answer (finding 3)
+    ("Denied", Lookup.FAILED),
+])
+async def test_parlayx_lookup_states(state: str, lookup: Lookup) -> None:
+    from carriers.parlayx import ParlayXAdapter
+    from simulators.parlayx import PAYMENT_NS, envelope
+
+    body = envelope(f'<ns0:getAmountTransactionStatusResponse xmlns:ns0="{PAYMENT_NS}">'
+                    f"<ns0:result>{state}</ns0:result></ns0:getAmountTransactionStatusResponse>")
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=body, headers={"Content-Type": "text/xml"})
+
+    transport = HttpTransport(carrier_id="px-fake", base_url="http://px.invalid", auth=None,
+                              timeout_seconds=1, secrets=[], sink=discard_interaction)
+    transport._client = httpx.AsyncClient(base_url="http://px.invalid",
+                                          transport=httpx.MockTransport(answer))
+    adapter = ParlayXAdapter(transport, "wsse", "user", "secret")
+    try:
+        found = await adapter.status(LOOKUP)
+    finally:
+        await adapter.aclose()
+    assert found.lookup is lookup
