@@ -92,17 +92,14 @@ async def settle(
         if found.lookup is Lookup.FAILED:
             return unknown(f"look-up failed: {found.message}", found.carrier_code)
         # not found: the request never took effect, or the carrier has not committed it yet
-        if not terms.deduplicates:
-            return unknown("not found at a carrier that does not deduplicate our key: "
-                           "not resent")
-        if resend is None:
-            return unknown(f"not found, not resent: {held}")
-        return await _resent(resend)
+        why = "not found"
+    else:
+        why = "no look-up at this carrier"
     if not terms.deduplicates:
-        return unknown("no look-up and no deduplication at this carrier: waiting for its "
-                       "result")
+        return unknown(f"{why}, and it does not deduplicate our key: not resent; waiting for "
+                       "its result")
     if resend is None:
-        return unknown(f"no look-up; not resent: {held}")
+        return unknown(f"{why}; not resent: {held}")
     return await _resent(resend)
 
 

@@ -38,20 +38,11 @@ def carrier_secrets() -> dict[str, str]:
     return generate_dev_secrets(default_registry())
 
 
-@dataclass
-class Simulator:
-    core: SimulatorCore
-    url: str
-    smpp_endpoint: str
+class SimulatorControl:
+    """What tests ask of the simulators' control API; ``control`` says how it is reached."""
 
     async def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        async with httpx.AsyncClient(base_url=self.url) as client:
-            if body is None:
-                response = await client.get(f"/_control/{path}")
-            else:
-                response = await client.post(f"/_control/{path}", json=body)
-            response.raise_for_status()
-            return response.json()
+        raise NotImplementedError
 
     async def set_balance(self, carrier: str, msisdn: str, balance: str) -> None:
         await self.control("accounts", {"carrier": carrier, "msisdn": msisdn, "balance": balance})
@@ -68,6 +59,22 @@ class Simulator:
     async def balance(self, carrier: str, msisdn: str) -> Decimal:
         books = await self.control(f"books?carrier={carrier}")
         return Decimal(books[carrier]["accounts"][msisdn])
+
+
+@dataclass
+class Simulator(SimulatorControl):
+    core: SimulatorCore
+    url: str
+    smpp_endpoint: str
+
+    async def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            if body is None:
+                response = await client.get(f"/_control/{path}")
+            else:
+                response = await client.post(f"/_control/{path}", json=body)
+            response.raise_for_status()
+            return response.json()
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ from models.tables import (
     OperationState,
 )
 from settings import Settings
-from tests.conftest import Simulator
+from tests.conftest import Simulator, SimulatorControl
 
 REGISTRY = default_registry()
 CARRIERS = sorted(REGISTRY.carriers.values(), key=lambda c: c.id)
@@ -129,7 +129,7 @@ def signs_callbacks(carrier: CarrierConfig) -> bool:
 # -- the harness -------------------------------------------------------------------------------
 
 
-class SimControl:
+class SimControl(SimulatorControl):
     """The simulators' control API (as tests.conftest.Simulator) on one kept connection: a new
     HTTP client per call costs more than most clauses."""
 
@@ -147,21 +147,6 @@ class SimControl:
         response.raise_for_status()
         return response.json()
 
-    async def set_balance(self, carrier: str, msisdn: str, balance: str) -> None:
-        await self.control("accounts", {"carrier": carrier, "msisdn": msisdn, "balance": balance})
-
-    async def fault(self, carrier: str, kind: str, msisdn: str | None = None, count: int = 1,
-                    delay_seconds: float = 0) -> None:
-        await self.control("faults", {"carrier": carrier, "kind": kind, "msisdn": msisdn,
-                                      "count": count, "delay_seconds": delay_seconds})
-
-    async def transactions(self, carrier: str, msisdn: str) -> list[dict[str, Any]]:
-        books = await self.control(f"books?carrier={carrier}")
-        return [t for t in books[carrier]["transactions"] if t["msisdn"] == msisdn]
-
-    async def balance(self, carrier: str, msisdn: str) -> Decimal:
-        books = await self.control(f"books?carrier={carrier}")
-        return Decimal(books[carrier]["accounts"][msisdn])
 
 
 class Route:
