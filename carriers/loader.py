@@ -67,11 +67,15 @@ class AuthConfig(_Strict):
     token_url: str | None = None
     # carriers that call us back: the key their callbacks are signed with
     callback_secret_ref: str | None = None
+    # wsse only: the UsernameToken profile allows both; many carriers require PasswordText
+    password_type: Literal["digest", "text"] | None = None
 
     @model_validator(mode="after")
     def _token_url_for_oauth2(self) -> AuthConfig:
         if (self.kind == "oauth2") != (self.token_url is not None):
             raise ValueError("token_url is required for, and only for, oauth2")
+        if self.password_type is not None and self.kind != "wsse":
+            raise ValueError("password_type is for wsse only")
         return self
 
 
@@ -132,6 +136,11 @@ class CarrierPromises(_Strict):
     visible_within_seconds: float = Field(default=300.0, ge=0)
 
 
+FaultOutcome = Literal["succeeded", "insufficient_funds", "pending", "rejected", "transient",
+                       "unknown"]
+_FAULT_KEY = re.compile(r"^(?:(charge|refund|status|balance):)?[A-Za-z0-9_.\-]+$")
+
+
 class CarrierConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     name: str
@@ -149,6 +158,14 @@ class CarrierConfig(_Strict):
     # behaviours of this carrier's gateway the simulator reproduces (e.g. "faults-in-faultcode")
     quirks: list[str] = Field(default_factory=list)
     promises: CarrierPromises = Field(default_factory=CarrierPromises)
+    # this carrier's own fault/error codes -> outcome, over its family's defaults; a key may
+    # name one operation ("charge:SVC0270"). A code nobody listed is unknown for that operation
+    faults: dict[str, FaultOutcome] = Field(default_factory=dict)
+    # the carrier's own service paths, by the family's names for them (Parlay X: "payment",
+    # "account"), over the family's defaults
+    service_paths: dict[str, str] = Field(default_factory=dict)
+    # APIs of the family that live at their own address (CAMARA: the refund API)
+    refund_base_url: str | None = None
     # how results arrive: in the response, by polling, or by a callback to us
     interaction: Literal["sync", "poll", "callback"] = "sync"
     # after a pending answer: waits, in seconds, between status look-ups (the last repeats);
@@ -183,6 +200,27 @@ class CarrierConfig(_Strict):
         if self.protocol == "smpp" and any(p.short_code is None for p in self.price_points):
             raise ValueError("every premium SMS price point needs a short_code")
         return self
+
+    @field_validator("faults")
+    @classmethod
+    def _fault_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _FAULT_KEY.match(key):
+                raise ValueError(f"fault key {key!r} must be CODE or OPERATION:CODE (operation "
+                                 "one of charge, refund, status, balance)")
+        return value
+
+    @field_validator("service_paths")
+    @classmethod
+    def _paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not path.startswith("/"):
+                raise ValueError(f"service path {name!r} must start with '/'")
+        return value
+
+    def fault_outcome(self, operation: str, code: str) -> str | None:
+        """This carrier's own meaning of ``code`` for ``operation``, if it declared one."""
+        return self.faults.get(f"{operation}:{code}") or self.faults.get(code)
 
     @model_validator(mode="after")
     def _smpp_has_no_key(self) -> CarrierConfig:
