@@ -1,6 +1,7 @@
 """Certifies one carrier's real endpoint (its sandbox) against the adapter contract.
 
-    python -m carriers.certify CARRIER_ID [--base-url URL] [--token-url URL] [--assets FILE]
+    python -m carriers.certify CARRIER_ID [--base-url URL] [--token-url URL]
+                               [--refund-base-url URL] [--assets FILE]
                                [--settle-timeout SECONDS] [--dev-secrets]
 
 The adapter is built from the carrier's registry entry exactly as the worker builds it, with
@@ -524,11 +525,15 @@ def declarations(carrier: CarrierConfig) -> str:
 
 
 def with_endpoint(carrier: CarrierConfig, base_url: str | None,
-                  token_url: str | None = None) -> CarrierConfig:
-    """The entry with its base URL (and OAuth2 token URL) replaced, when given."""
+                  token_url: str | None = None,
+                  refund_base_url: str | None = None) -> CarrierConfig:
+    """The entry with its base URL (OAuth2 token URL, separate refund API) replaced, when
+    given."""
     update: dict[str, object] = {}
     if base_url is not None:
         update["base_url"] = base_url.rstrip("/")
+    if refund_base_url is not None:
+        update["refund_base_url"] = refund_base_url.rstrip("/")
     if token_url is not None:
         if carrier.auth.kind != "oauth2":
             raise CertifyError(f"carrier {carrier.id}: --token-url is for oauth2 carriers only")
@@ -538,11 +543,12 @@ def with_endpoint(carrier: CarrierConfig, base_url: str | None,
 
 async def certify(carrier: CarrierConfig, settings: Settings, assets: CertifyAssets,
                   base_url: str | None = None, *, token_url: str | None = None,
-                  registry: Registry | None = None, settle_timeout: float = 60.0) -> Report:
+                  refund_base_url: str | None = None, registry: Registry | None = None,
+                  settle_timeout: float = 60.0) -> Report:
     """Runs the clauses the carrier's declarations call for against its endpoint: ``base_url``
     (default the entry's, resolved through ``settings.simulator_urls``), with the secrets in
     ``settings``. Raises ``CertifyError`` or ``CarrierConfigError`` if it cannot start."""
-    entry = with_endpoint(carrier, base_url, token_url)
+    entry = with_endpoint(carrier, base_url, token_url, refund_base_url)
     resolved = resolve_base_url(entry, settings)
     run = _Run(entry, settings, assets, registry or default_registry(), settle_timeout)
     run.adapter = run.build(settings)
@@ -572,8 +578,9 @@ def dev_settings(carrier: CarrierConfig, settings: Settings) -> Settings:
     """--dev-secrets: a secret not in CB_CARRIER_SECRETS is the empty one a local simulator
     started without CB_CARRIER_SECRETS accepts. Only ever sent to a loopback address."""
     urls = [resolve_base_url(carrier, settings)]
-    if carrier.auth.token_url is not None:
-        urls.append(carrier.auth.token_url.format(**settings.simulator_urls))
+    for other in (carrier.auth.token_url, carrier.refund_base_url):
+        if other is not None:
+            urls.append(other.format(**settings.simulator_urls))
     for url in urls:
         if not is_loopback(url):
             raise CertifyError(f"--dev-secrets is for a simulator on this machine: {url} is "
@@ -591,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("carrier_id")
     parser.add_argument("--base-url", help="the carrier's endpoint (default: the entry's)")
     parser.add_argument("--token-url", help="oauth2: the token endpoint (default: the entry's)")
+    parser.add_argument("--refund-base-url",
+                        help="a separate refund API (CAMARA; default: the entry's)")
     parser.add_argument("--assets", type=Path, help="the test-assets TOML file")
     parser.add_argument("--settle-timeout", type=float, default=60.0,
                         help="seconds of look-ups to settle a pending answer (default 60)")
@@ -606,10 +615,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
         assets = load_assets(args.assets) if args.assets is not None else CertifyAssets()
         if args.dev_secrets:
-            settings = dev_settings(with_endpoint(carrier, args.base_url, args.token_url),
-                                    settings)
+            settings = dev_settings(with_endpoint(carrier, args.base_url, args.token_url,
+                                                  args.refund_base_url), settings)
         report = asyncio.run(certify(carrier, settings, assets, args.base_url,
-                                     token_url=args.token_url, registry=registry,
+                                     token_url=args.token_url,
+                                     refund_base_url=args.refund_base_url, registry=registry,
                                      settle_timeout=args.settle_timeout))
     except (CertifyError, CarrierConfigError) as exc:
         print(f"certify: {exc}", file=sys.stderr)
