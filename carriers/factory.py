@@ -11,10 +11,12 @@ from carriers.auth import HmacRequestSigner, JwtBodySigner, OAuth2ClientCredenti
 from carriers.base import Capability, CarrierAdapter
 from carriers.callback_aggregator import CallbackAggregatorAdapter
 from carriers.camara import CamaraAdapter
+from carriers.exceptions import FaultCodes
 from carriers.http import HttpTransport, InteractionSink
 from carriers.loader import CarrierConfig
 from carriers.oneapi import OneApiAdapter
 from carriers.parlayx import ParlayXAdapter
+from carriers.parlayx import service_paths as parlayx_service_paths
 from carriers.polling_aggregator import PollingAggregatorAdapter
 from carriers.smpp import ReceiptSink, SmppAdapter
 from models.smpp_store import SubmissionStore
@@ -111,6 +113,11 @@ def build_adapter(
         return check_promises(carrier, cls(
             carrier, resolve_base_url(carrier, settings), secret, smpp_store, receipts, sink,
             carrier.locale, timeout_seconds=timeout))
+    if carrier.protocol == "parlayx":
+        try:  # before any connection pool exists
+            parlayx_service_paths(carrier.service_paths)
+        except ValueError as exc:
+            raise CarrierConfigError(f"carrier {carrier.id}: service_paths: {exc}") from None
     callback_secret = settings.carrier_secrets.get(carrier.auth.callback_secret_ref or "")
     transport = HttpTransport(
         carrier_id=carrier.id,
@@ -122,10 +129,14 @@ def build_adapter(
         sink=sink,
     )
     adapter: CarrierAdapter
+    # the carrier's own meanings of its fault codes, over its family's defaults
+    faults = FaultCodes(carrier.id, carrier.faults)
     if carrier.protocol == "oneapi":
-        adapter = cls(transport, form_encoded=carrier.request_format == "form")
+        adapter = cls(transport, form_encoded=carrier.request_format == "form", faults=faults)
     elif carrier.protocol == "parlayx":
-        adapter = cls(transport, carrier.auth.kind, carrier.auth.username, secret)
+        adapter = cls(transport, carrier.auth.kind, carrier.auth.username, secret,
+                      password_type=carrier.auth.password_type, paths=carrier.service_paths,
+                      faults=faults)
     elif carrier.protocol == "camara":
         if callback_secret is None:
             raise CarrierConfigError(f"carrier {carrier.id} needs secret "

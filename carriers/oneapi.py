@@ -20,7 +20,7 @@ from carriers.base import (
     RefundRequest,
     StatusRequest,
 )
-from carriers.exceptions import outcome_for
+from carriers.exceptions import FAMILY_DEFAULTS, FaultCodes
 from carriers.http import HttpAdapter, HttpReply, HttpTransport, refusal, retry_after
 from models.money import format_major
 
@@ -70,9 +70,12 @@ def refund_body(request: RefundRequest) -> dict[str, Any]:
     }
 
 
-def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
+def map_reply(reply: HttpReply, expected_status: str, faults: FaultCodes = FAMILY_DEFAULTS,
+              operation: str | None = None) -> OperationResult:
     """Conservative: only an explicit success or a known exception is final; anything else is
-    UNKNOWN and gets settled by repeating the same clientCorrelator."""
+    UNKNOWN and gets settled by repeating the same clientCorrelator. An exception id means what
+    the carrier's own ``faults`` say for ``operation`` (by default the one ``expected_status``
+    names), else what the family's defaults say."""
     if reply.status_code in (401, 403):  # whatever the body says: our credentials, not the sale
         refused = refusal(reply)
         assert refused is not None
@@ -107,7 +110,7 @@ def map_reply(reply: HttpReply, expected_status: str) -> OperationResult:
         if isinstance(exception, dict):
             message_id = str(exception.get("messageId", ""))
             return OperationResult(
-                outcome=outcome_for(message_id),
+                outcome=faults.outcome(operation or _OPERATION[expected_status], message_id),
                 carrier_code=message_id,
                 message=str(exception.get("text", "")),
                 retry_after_seconds=retry_after(reply),
@@ -140,7 +143,8 @@ def form_fields(body: dict[str, Any]) -> dict[str, str]:
     return fields
 
 
-def map_lookup(reply: HttpReply, expected_status: str) -> LookupResult:
+def map_lookup(reply: HttpReply, expected_status: str, faults: FaultCodes = FAMILY_DEFAULTS,
+               not_found_ids: frozenset[str] | None = None) -> LookupResult:
     """Only a transaction the carrier returns is an answer; a 404 is "no such transaction"
     only when it says so with a service exception, not a bare 404 from a gateway or a path
     that does not exist."""
@@ -151,28 +155,37 @@ def map_lookup(reply: HttpReply, expected_status: str) -> LookupResult:
             body = None
         error = body.get("requestError") if isinstance(body, dict) else None
         exception = error.get("serviceException") if isinstance(error, dict) else None
-        if isinstance(exception, dict) and exception.get("messageId") in NOT_FOUND_IDS:
+        if isinstance(exception, dict) and exception.get("messageId") in (
+                NOT_FOUND_IDS if not_found_ids is None else not_found_ids):
             return LookupResult.not_found(str(exception.get("text", "")))
         return LookupResult.failed("HTTP 404 without a service exception", "404")
     if not 200 <= reply.status_code < 300:
-        return LookupResult.failure_of(map_reply(reply, expected_status))
-    result = map_reply(reply, expected_status)
+        return LookupResult.failure_of(map_reply(reply, expected_status, faults, "status"))
+    result = map_reply(reply, expected_status, faults, "status")
     if result.outcome is Outcome.SUCCEEDED:
         return LookupResult.of(result)
     return LookupResult.failure_of(result)
 
 
 _EXPECTED = {"charge": "Charged", "refund": "Refunded"}
+_OPERATION = {"Charged": "charge", "Refunded": "refund"}
 # the service exceptions a OneAPI gateway answers an unknown clientCorrelator with
-NOT_FOUND_IDS = {"SVC0004"}
+NOT_FOUND_IDS = frozenset({"SVC0004"})
 
 
 class OneApiAdapter(HttpAdapter):
     capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
 
-    def __init__(self, transport: HttpTransport, form_encoded: bool = False) -> None:
+    # the service exceptions this carrier answers a look-up of an unknown key with (subclasses
+    # of carriers that word it differently override it)
+    not_found_ids: frozenset[str] = NOT_FOUND_IDS
+
+    def __init__(self, transport: HttpTransport, form_encoded: bool = False,
+                 faults: FaultCodes | None = None) -> None:
         super().__init__(transport)
         self._form = form_encoded
+        # the carrier's own meanings of exception ids over the family's (registry ``faults``)
+        self._faults = faults or FaultCodes(transport.carrier_id)
 
     async def _post(self, operation: str, key: str, msisdn: str, body: dict[str, Any]
                     ) -> OperationResult:
@@ -180,7 +193,8 @@ class OneApiAdapter(HttpAdapter):
         expected = _EXPECTED[operation]
         return await self._transport.send(
             operation=operation, idempotency_key=key, method="POST",
-            path=transaction_path(msisdn), mapper=lambda reply: map_reply(reply, expected),
+            path=transaction_path(msisdn),
+            mapper=lambda reply: map_reply(reply, expected, self._faults, operation),
             **payload,
         )
 
@@ -205,5 +219,5 @@ class OneApiAdapter(HttpAdapter):
             operation="status", idempotency_key=request.idempotency_key, method="GET",
             path=transaction_path(request.msisdn),
             params={"clientCorrelator": request.idempotency_key},
-            mapper=lambda reply: map_lookup(reply, expected),
+            mapper=lambda reply: map_lookup(reply, expected, self._faults, self.not_found_ids),
         )

@@ -3,16 +3,20 @@ Management ``getBalance``. zeep builds and reads the envelopes from the WSDLs in
 ``carriers/wsdl/parlayx``; the shared HttpTransport sends them, so classification and
 interaction records are the same as for REST carriers.
 
-Authentication is SOAP-level: a WS-Security UsernameToken (digest), or the vendor
+Authentication is SOAP-level: a WS-Security UsernameToken (PasswordDigest, or PasswordText for
+carriers whose entry says ``auth.password_type = "text"``), or the vendor
 ``RequestSOAPHeader`` (spId, timeStamp YYYYMMDDHHMMSS, spPassword = MD5(spId+password+timeStamp)).
 Faults are ``ServiceException`` / ``PolicyException``, read from the fault ``detail`` or, as some
-gateways send them, from ``faultcode`` / ``faultstring``.
+gateways send them, from ``faultcode`` / ``faultstring``; an id means what the carrier's own
+``faults`` say, else what the family's defaults say. Service paths are the family's defaults
+unless the entry's ``service_paths`` names its own ("payment", "account").
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -37,7 +41,7 @@ from carriers.base import (
     RefundRequest,
     StatusRequest,
 )
-from carriers.exceptions import outcome_for
+from carriers.exceptions import FAMILY_DEFAULTS, FaultCodes
 from carriers.http import HttpAdapter, HttpReply, HttpTransport, refusal
 from models.money import format_major, from_decimal
 
@@ -46,6 +50,8 @@ PAYMENT_WSDL = WSDL_DIR / "parlayx_payment_amount_charging_2_1.wsdl"
 ACCOUNT_WSDL = WSDL_DIR / "parlayx_account_management_service_2_2.wsdl"
 PAYMENT_PATH = "/AmountChargingService"
 ACCOUNT_PATH = "/AccountManagementService"
+# the family's service paths by the names a registry entry's ``service_paths`` overrides
+SERVICE_PATHS = {"payment": PAYMENT_PATH, "account": ACCOUNT_PATH}
 VENDOR_HEADER_NS = "http://www.huawei.com.cn/schema/common/v2_1"
 _EXCEPTION_ID = re.compile(r"\b((?:SVC|POL)\d{4})\b")
 
@@ -86,7 +92,17 @@ WSSE_AUTH_FAULTS = {"FailedAuthentication", "InvalidSecurity", "InvalidSecurityT
                     "FailedCheck", "SecurityTokenUnavailable", "MessageExpired"}
 
 
-def _fault_outcome(fault: Fault) -> OperationResult:
+def service_paths(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The carrier's service paths: its own over the family's defaults."""
+    unknown = set(overrides or {}) - set(SERVICE_PATHS)
+    if unknown:
+        raise ValueError(f"unknown Parlay X service path name(s) {sorted(unknown)}: "
+                         f"known are {sorted(SERVICE_PATHS)}")
+    return {**SERVICE_PATHS, **(overrides or {})}
+
+
+def _fault_outcome(fault: Fault, faults: FaultCodes = FAMILY_DEFAULTS,
+                   operation: str = "charge") -> OperationResult:
     code = str(fault.code or "")
     if code.rpartition(":")[2] in WSSE_AUTH_FAULTS:
         return OperationResult(outcome=Outcome.TRANSIENT, carrier_code="AUTH",
@@ -102,7 +118,7 @@ def _fault_outcome(fault: Fault) -> OperationResult:
         message_id = found.group(1) if found else ""
     if not message_id:
         return OperationResult(outcome=Outcome.UNKNOWN, message=f"SOAP fault: {fault.message}")
-    return OperationResult(outcome=outcome_for(message_id), carrier_code=message_id,
+    return OperationResult(outcome=faults.outcome(operation, message_id), carrier_code=message_id,
                            message=str(fault.message or ""))
 
 
@@ -111,9 +127,18 @@ class ParlayXAdapter(HttpAdapter):
                               Capability.BALANCE})
 
     def __init__(self, transport: HttpTransport, auth_kind: str, username: str,
-                 secret: str) -> None:
+                 secret: str, *, password_type: str | None = None,
+                 paths: Mapping[str, str] | None = None,
+                 faults: FaultCodes | None = None) -> None:
         super().__init__(transport)
-        wsse = UsernameToken(username, secret, use_digest=True) if auth_kind == "wsse" else None
+        if password_type not in (None, "digest", "text"):
+            raise ValueError(f"unknown WS-Security password type {password_type!r}")
+        # the UsernameToken profile allows both; digest unless the carrier requires the text
+        wsse = (UsernameToken(username, secret, use_digest=password_type != "text")
+                if auth_kind == "wsse" else None)
+        self._paths = service_paths(paths)
+        # the carrier's own meanings of exception ids over the family's (registry ``faults``)
+        self._faults = faults or FaultCodes(transport.carrier_id)
         self._payment = zeep.Client(_document(PAYMENT_WSDL), wsse=wsse)
         self._account = zeep.Client(_document(ACCOUNT_WSDL), wsse=wsse)
         self._vendor_header = (username, secret) if auth_kind == "parlayx-header" else None
@@ -124,9 +149,10 @@ class ParlayXAdapter(HttpAdapter):
         message = client.create_message(client.service, operation, **params)
         return str(etree.tostring(message, encoding="unicode"))
 
-    @staticmethod
-    def _read(client: zeep.Client, operation: str, reply: HttpReply) -> tuple[Any, OperationResult | None]:
-        """The operation's result, or the outcome its failure means."""
+    def _read(self, client: zeep.Client, operation: str, reply: HttpReply,
+              kind: str) -> tuple[Any, OperationResult | None]:
+        """The operation's result, or the outcome its failure means (``kind``: our name of the
+        operation, charge/refund/status/balance, as the carrier's fault keys use it)."""
         refused = refusal(reply)
         if refused is not None:
             return None, refused
@@ -140,20 +166,21 @@ class ParlayXAdapter(HttpAdapter):
                                              message=f"unexpected HTTP {reply.status_code}")
             return result, None
         except Fault as fault:
-            return None, _fault_outcome(fault)
+            return None, _fault_outcome(fault, self._faults, kind)
         except (XMLSyntaxError, TransportError, etree.XMLSyntaxError) as exc:
             return None, OperationResult(
                 outcome=Outcome.UNKNOWN, carrier_code=str(reply.status_code),
                 message=f"malformed response (HTTP {reply.status_code}): {type(exc).__name__}")
 
     async def _call(self, operation: str, key: str, **params: Any) -> OperationResult:
+        kind = "charge" if operation == "chargeAmount" else "refund"
+
         def mapper(reply: HttpReply) -> OperationResult:
-            _, failure = self._read(self._payment, operation, reply)
+            _, failure = self._read(self._payment, operation, reply, kind)
             return failure or OperationResult(outcome=Outcome.SUCCEEDED, carrier_reference=key)
 
         return await self._transport.send(
-            operation="charge" if operation == "chargeAmount" else "refund",
-            idempotency_key=key, method="POST", path=PAYMENT_PATH,
+            operation=kind, idempotency_key=key, method="POST", path=self._paths["payment"],
             content=self._envelope(self._payment, operation, **params),
             headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'},
             mapper=mapper)
@@ -184,7 +211,8 @@ class ParlayXAdapter(HttpAdapter):
             "Charged" if request.operation == "charge" else "Refunded")
 
         def mapper(reply: HttpReply) -> LookupResult:
-            result, failure = self._read(self._payment, "getAmountTransactionStatus", reply)
+            result, failure = self._read(self._payment, "getAmountTransactionStatus", reply,
+                                         "status")
             if failure:
                 return LookupResult.failure_of(failure)
             state = str(result)
@@ -197,7 +225,7 @@ class ParlayXAdapter(HttpAdapter):
 
         return await self._transport.lookup(
             operation="status", idempotency_key=request.idempotency_key, method="POST",
-            path=PAYMENT_PATH, headers={"Content-Type": "text/xml; charset=utf-8",
+            path=self._paths["payment"], headers={"Content-Type": "text/xml; charset=utf-8",
                                         "SOAPAction": '""'},
             content=self._envelope(self._payment, "getAmountTransactionStatus",
                                    endUserIdentifier=f"tel:{request.msisdn}",
@@ -208,7 +236,7 @@ class ParlayXAdapter(HttpAdapter):
         found: list[Decimal] = []
 
         def mapper(reply: HttpReply) -> OperationResult:
-            result, failure = self._read(self._account, "getBalance", reply)
+            result, failure = self._read(self._account, "getBalance", reply, "balance")
             if failure:
                 return failure
             for entry in result or []:
@@ -217,7 +245,7 @@ class ParlayXAdapter(HttpAdapter):
 
         outcome = await self._transport.send(
             operation="balance", idempotency_key=f"balance-{len(msisdn)}", method="POST",
-            path=ACCOUNT_PATH, headers={"Content-Type": "text/xml; charset=utf-8",
+            path=self._paths["account"], headers={"Content-Type": "text/xml; charset=utf-8",
                                         "SOAPAction": '""'},
             content=self._envelope(self._account, "getBalance", endUserIdentifier=f"tel:{msisdn}"),
             mapper=mapper)

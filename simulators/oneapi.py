@@ -9,6 +9,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from carriers.exceptions import insufficient_funds_code
+from carriers.loader import Registry, default_registry
 from simulators.books import InsufficientFunds, RefundRefused
 from simulators.core import (
     SimCarrier,
@@ -19,6 +21,8 @@ from simulators.core import (
 )
 
 PROTOCOL = "oneapi"
+# the family's code for a charge refused for want of credit, in its fault_code_variant form
+VARIANT_CODE = "POL0001"
 
 
 def request_error(status: int, kind: str, message_id: str, text: str) -> web.Response:
@@ -27,8 +31,9 @@ def request_error(status: int, kind: str, message_id: str, text: str) -> web.Res
 
 
 class OneApiCarrier:
-    def __init__(self, core: SimulatorCore) -> None:
+    def __init__(self, core: SimulatorCore, registry: Registry | None = None) -> None:
         self.core = core
+        self.registry = registry if registry is not None else default_registry()
 
     def add_routes(self, app: web.Application) -> None:
         path = "/{carrier}/payment/v1/{end_user}/transactions/amount"
@@ -133,8 +138,11 @@ class OneApiCarrier:
         if fault is not None and fault.kind == "insufficient_funds":
             return request_error(400, "policyException", "POL1000", "insufficient credit")
         if fault is not None and fault.kind == "fault_code_variant":
-            return request_error(fault.status or 400, "policyException", fault.code or "POL0001",
-                                 fault.text or "credit too low")
+            # the code this carrier's registry entry says it refuses for want of credit with
+            code = fault.code or insufficient_funds_code(
+                self.registry.carriers.get(carrier.carrier_id), VARIANT_CODE)
+            kind = "serviceException" if code.startswith("SVC") else "policyException"
+            return request_error(fault.status or 400, kind, code, fault.text or "credit too low")
         visible_at = fault.visible_at() if fault is not None else 0.0
 
         reference = str(txn_in.get("referenceCode", ""))

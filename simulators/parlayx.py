@@ -1,5 +1,11 @@
 """Parlay X carrier over SOAP: AmountCharging and AccountManagement endpoints, serving their
-WSDLs, checking WS-Security UsernameToken digests or the vendor RequestSOAPHeader."""
+WSDLs, checking WS-Security UsernameTokens or the vendor RequestSOAPHeader.
+
+Each carrier is what its registry entry says: its endpoints are at its ``service_paths`` (over
+the family's defaults) under ``/{carrier}/parlayx``, its UsernameToken must carry the password
+type its ``auth.password_type`` names (PasswordDigest unless "text"), and the code it refuses
+a charge with for want of credit (``fault_code_variant``) is the one its ``faults`` declare for
+that, else the family's SVC0270."""
 
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 from lxml import etree
 
-from carriers.parlayx import ACCOUNT_WSDL, PAYMENT_WSDL, WSDL_DIR, sp_password
+from carriers.exceptions import insufficient_funds_code
+from carriers.loader import CarrierConfig, Registry, default_registry
+from carriers.parlayx import ACCOUNT_WSDL, PAYMENT_WSDL, WSDL_DIR, service_paths, sp_password
 from simulators.books import CarrierBook, InsufficientFunds, RefundRefused
 from simulators.core import (
     SimCarrier,
@@ -28,6 +36,9 @@ ACCOUNT_NS = "http://www.csapi.org/schema/parlayx/account_management/v2_2/local"
 COMMON_NS = "http://www.csapi.org/schema/parlayx/common/v2_1"
 SEXT = "{http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd}"
 WSU = "{http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd}"
+PROFILE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0"
+# the family's code for a charge refused for want of credit, in its fault_code_variant form
+VARIANT_CODE = "SVC0270"
 
 
 def envelope(body: str) -> str:
@@ -43,22 +54,37 @@ def _text(parent: etree._Element, name: str) -> str:
 
 
 class ParlayXCarrier:
-    def __init__(self, core: SimulatorCore) -> None:
+    def __init__(self, core: SimulatorCore, registry: Registry | None = None) -> None:
         self.core = core
+        self.registry = registry if registry is not None else default_registry()
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/{carrier}/parlayx/AmountChargingService", self.payment)
-        app.router.add_post("/{carrier}/parlayx/AccountManagementService", self.account)
-        app.router.add_get("/{carrier}/parlayx/AmountChargingService", self._wsdl(PAYMENT_WSDL))
-        app.router.add_get("/{carrier}/parlayx/AccountManagementService",
-                           self._wsdl(ACCOUNT_WSDL))
+        # each carrier's own service paths (registry service_paths), dispatched per carrier
+        app.router.add_post("/{carrier}/parlayx/{service:.+}", self.service)
+        app.router.add_get("/{carrier}/parlayx/{service:.+}", self.wsdl)
         app.router.add_static("/parlayx/wsdl", WSDL_DIR)
 
-    @staticmethod
-    def _wsdl(path: object):  # type: ignore[no-untyped-def]
-        async def serve(_request: web.Request) -> web.FileResponse:
-            return web.FileResponse(str(path))
-        return serve
+    def entry(self, carrier: SimCarrier) -> CarrierConfig | None:
+        return self.registry.carriers.get(carrier.carrier_id)
+
+    def _service_name(self, request: web.Request) -> tuple[SimCarrier, str]:
+        """The carrier, and the family's name of the service its request path names."""
+        carrier = self.core.carrier(request, PROTOCOL)
+        entry = self.entry(carrier)
+        paths = service_paths(entry.service_paths if entry else None)
+        wanted = "/" + request.match_info["service"]
+        for name, path in paths.items():
+            if path == wanted:
+                return carrier, name
+        raise web.HTTPNotFound(text="no such service")
+
+    async def service(self, request: web.Request) -> web.StreamResponse:
+        _, name = self._service_name(request)
+        return await (self.payment(request) if name == "payment" else self.account(request))
+
+    async def wsdl(self, request: web.Request) -> web.FileResponse:
+        _, name = self._service_name(request)
+        return web.FileResponse(str(PAYMENT_WSDL if name == "payment" else ACCOUNT_WSDL))
 
     # -- faults --------------------------------------------------------------------------------
 
@@ -94,20 +120,33 @@ class ParlayXCarrier:
 
     # -- authentication ------------------------------------------------------------------------
 
-    @staticmethod
-    def authenticated(carrier: SimCarrier, document: etree._Element) -> bool:
+    def authenticated(self, carrier: SimCarrier, document: etree._Element) -> bool:
         header = document.find(f"{{{SOAP_ENV}}}Header")
         if header is None:
             return False
         if carrier.auth_kind == "wsse":
             token = header.find(f"{SEXT}Security/{SEXT}UsernameToken")
-            if token is None:
+            password = token.find(f"{SEXT}Password") if token is not None else None
+            if token is None or password is None:
                 return False
-            nonce, created = _text(token, "Nonce"), _text(token, "Created")
-            digest = base64.b64encode(hashlib.sha1(  # noqa: S324 (the WS-Security profile's)
-                base64.b64decode(nonce) + created.encode() + carrier.password.encode()).digest())
+            entry = self.entry(carrier)
+            # the carrier takes the one password type it documents, never the other
+            text = entry is not None and entry.auth.password_type == "text"
+            given_type = password.get("Type", f"{PROFILE}#PasswordText")  # the profile's default
+            if given_type != f"{PROFILE}#{'PasswordText' if text else 'PasswordDigest'}":
+                return False
+            if text:
+                expected = carrier.password
+            else:
+                nonce, created = _text(token, "Nonce"), _text(token, "Created")
+                try:
+                    raw_nonce = base64.b64decode(nonce, validate=True)
+                except ValueError:
+                    return False
+                expected = base64.b64encode(hashlib.sha1(  # noqa: S324 (the profile's)
+                    raw_nonce + created.encode() + carrier.password.encode()).digest()).decode()
             return _text(token, "Username") == carrier.username and hmac.compare_digest(
-                digest.decode(), _text(token, "Password"))
+                expected.encode(), (password.text or "").strip().encode())
         sp_id, timestamp = _text(header, "spId"), _text(header, "timeStamp")
         expected = sp_password(sp_id, carrier.password, timestamp)
         return sp_id == carrier.username and hmac.compare_digest(
@@ -184,7 +223,9 @@ class ParlayXCarrier:
         if kind == "insufficient_funds":
             return self.fault(carrier, "PolicyException", "POL1000", "insufficient credit")
         if fault is not None and kind == "fault_code_variant":
-            return self.fault(carrier, "ServiceException", fault.code or "SVC0270",
+            code = fault.code or insufficient_funds_code(self.entry(carrier), VARIANT_CODE)
+            kind = "PolicyException" if code.startswith("POL") else "ServiceException"
+            return self.fault(carrier, kind, code,
                               fault.text or "insufficient balance")
         visible_at = fault.visible_at() if fault is not None else 0.0
         try:
