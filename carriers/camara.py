@@ -14,6 +14,7 @@ import hmac
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -40,6 +41,21 @@ MAX_PAGES = 20
 # we first sent it (clocks differ) to a day after (retries of the same request)
 LOOKUP_MARGIN = timedelta(minutes=10)
 LOOKUP_WINDOW = timedelta(days=1)
+# the spec's sink must be https; plain http is only for a receiver on this machine (tests, demo)
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def check_sink_url(url: str, *, allow_insecure: bool = False) -> None:
+    """Refuses a sink the carrier would be told to call over plain HTTP (the spec demands
+    https: the sinkCredential travels to it), except on loopback or when a dev setting allows
+    it. A ValueError here stops the worker at start-up, before any request names the sink."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and (allow_insecure or parts.hostname in LOOPBACK_HOSTS):
+        return
+    raise ValueError(f"CAMARA sink {url!r}: the callback base URL must be https "
+                     "(plain http only on 127.0.0.1/localhost, or when insecure sinks are allowed)")
 
 
 class PreparedPayment(BaseModel):
@@ -74,6 +90,9 @@ def _error(reply: HttpReply, body: Any) -> OperationResult:
     if code == "CARRIER_BILLING.PAYMENT_DENIED":
         return OperationResult(outcome=_denial_outcome(message), carrier_code=code,
                                message=message)
+    if code == "CARRIER_BILLING.PAYMENT_CANCELLED":
+        # a cancelled payment is never charged: confirming or cancelling it again moves nothing
+        return OperationResult(outcome=Outcome.REJECTED, carrier_code=code, message=message)
     refused = refusal(reply)
     if refused is not None:
         return refused
@@ -92,6 +111,17 @@ def _json(reply: HttpReply) -> Any:
         return json.loads(reply.text) if reply.text else None
     except json.JSONDecodeError:
         return None
+
+
+def map_accepted(reply: HttpReply, payment_id: str, what: str) -> OperationResult:
+    """confirmPayment and cancelPayment answer 202 without a body: the request is accepted and
+    its result comes by event or look-up. Pending, never unknown: the payment is known."""
+    if reply.status_code == 202:
+        return OperationResult(outcome=Outcome.PENDING, carrier_reference=payment_id,
+                               message=f"{what} accepted")
+    if reply.status_code in (200, 201):  # older operators answer the payment itself
+        return map_created(reply, "paymentId", "paymentStatus")
+    return _error(reply, _json(reply))
 
 
 def map_created(reply: HttpReply, id_field: str, status_field: str) -> OperationResult:
@@ -140,10 +170,13 @@ def parse_event(body: bytes, headers: dict[str, str], secret: str,
 class CamaraAdapter(HttpAdapter):
     capabilities = frozenset({Capability.CHARGE, Capability.REFUND, Capability.STATUS})
 
-    def __init__(self, transport: HttpTransport, callback_url: str, sink_token: str) -> None:
+    def __init__(self, transport: HttpTransport, callback_url: str, sink_token: str,
+                 refund_base_url: str | None = None, *, allow_insecure_sink: bool = False) -> None:
         super().__init__(transport)
+        check_sink_url(callback_url, allow_insecure=allow_insecure_sink)
         self._callback_url = callback_url
         self._sink_token = sink_token
+        self._refund_base_url = refund_base_url.rstrip("/") if refund_base_url else None
 
     def _sink(self, key: str) -> dict[str, Any]:
         expires = (datetime.now(UTC) + timedelta(days=30)).isoformat()
@@ -194,8 +227,12 @@ class CamaraAdapter(HttpAdapter):
             operation="prepare", idempotency_key=request.idempotency_key, method="POST",
             path="/payments/prepare", json=self._payment_body(request),
             headers={"x-correlator": request.idempotency_key}, mapper=mapper)
+        info = found.get("validationInfo")
+        # the spec puts it in validationInfo (action "validate"); some operators at the top
+        authorization = (info.get("authorizationId") if isinstance(info, dict) else None) \
+            or found.get("authorizationId")
         return PreparedPayment(result=result, payment_id=found.get("paymentId"),
-                               authorization_id=found.get("authorizationId"))
+                               authorization_id=str(authorization) if authorization else None)
 
     async def validate_payment(self, key: str, payment_id: str, authorization_id: str,
                                code: str) -> OperationResult:
@@ -209,18 +246,42 @@ class CamaraAdapter(HttpAdapter):
             path=f"/payments/{payment_id}/validate", headers={"x-correlator": key},
             json={"authorizationId": authorization_id, "code": code}, mapper=mapper)
 
-    async def confirm_payment(self, key: str, payment_id: str) -> OperationResult:
-        return await self._post("confirm", key, f"/payments/{payment_id}/confirm", {},
-                                "paymentId", "paymentStatus")
+    async def confirm_payment(self, key: str, payment_id: str,
+                              msisdn: str | None = None) -> OperationResult:
+        """202: confirmed, the debit's result comes by event or look-up (pending)."""
+        return await self._transport.send(
+            operation="confirm", idempotency_key=key, method="POST",
+            path=f"/payments/{payment_id}/confirm", headers={"x-correlator": key},
+            json={"phoneNumber": msisdn} if msisdn else {},
+            mapper=lambda reply: map_accepted(reply, payment_id, "confirmation"))
+
+    async def cancel_payment(self, key: str, payment_id: str,
+                             msisdn: str | None = None) -> OperationResult:
+        """Cancels a prepared (not yet confirmed) payment: nothing is charged. 202 is pending
+        until the payment-cancelled event or a look-up says cancelled; a 409 "already
+        confirmed" may have moved money and is settled by look-up (unknown)."""
+        return await self._transport.send(
+            operation="cancel", idempotency_key=key, method="POST",
+            path=f"/payments/{payment_id}/cancel", headers={"x-correlator": key},
+            json={"phoneNumber": msisdn} if msisdn else {},
+            mapper=lambda reply: map_accepted(reply, payment_id, "cancellation"))
+
+    def _refund_path(self, payment_id: str) -> str:
+        """The refund API may live at its own base URL (an absolute URL overrides the
+        transport's base; credentials and records are the same)."""
+        return f"{self._refund_base_url}/payments/{payment_id}/refunds" if self._refund_base_url \
+            else f"/payments/{payment_id}/refunds"
 
     async def refund(self, request: RefundRequest) -> OperationResult:
+        """createRefund of the Carrier Billing Refund API: a total refund (the whole charge of
+        one cycle), whose ``refundAmount`` names no amount: the operator refunds the payment."""
         body = {"type": "total", "reason": request.description,
-                "amountTransaction": self._amount_transaction(
-                    request.idempotency_key, None, request.amount_minor, request.currency,
-                    request.description, request.reference_code),
+                "amountTransaction": {"clientCorrelator": request.idempotency_key,
+                                      "referenceCode": request.reference_code,
+                                      "refundAmount": {}},
                 **self._sink(request.idempotency_key)}
         return await self._post("refund", request.idempotency_key,
-                                f"/payments/{request.original_carrier_reference}/refunds", body,
+                                self._refund_path(request.original_carrier_reference), body,
                                 "refundId", "refundStatus")
 
     async def status(self, request: StatusRequest) -> LookupResult:
@@ -229,7 +290,7 @@ class CamaraAdapter(HttpAdapter):
         search stays a page or two however busy the carrier is."""
         if request.operation == "refund":
             path, id_field, status_field = (
-                f"/payments/{request.original_carrier_reference}/refunds", "refundId",
+                self._refund_path(request.original_carrier_reference or ""), "refundId",
                 "refundStatus")
         else:
             path, id_field, status_field = "/payments", "paymentId", "paymentStatus"
@@ -240,8 +301,12 @@ class CamaraAdapter(HttpAdapter):
         for page in range(1, MAX_PAGES + 1):
             items: list[dict[str, Any]] = []
 
-            def mapper(reply: HttpReply, items: list[dict[str, Any]] = items) -> LookupResult:
+            def mapper(reply: HttpReply, items: list[dict[str, Any]] = items,
+                       page: int = page) -> LookupResult:
                 body = _json(reply)
+                code = str(body.get("code", "")) if isinstance(body, dict) else ""
+                if reply.status_code == 400 and page > 1 and code.endswith(".OUT_OF_RANGE"):
+                    return LookupResult.not_found()  # the previous page was the last, and full
                 if reply.status_code != 200:
                     return LookupResult.failure_of(_error(reply, body))
                 if not isinstance(body, list):

@@ -1,21 +1,31 @@
-"""CAMARA Carrier Billing operator: one-step and two-step payments, refunds, CloudEvents to the
-client's sink; a repeated clientCorrelator is refused with 400."""
+"""CAMARA Carrier Billing operator (and the Carrier Billing Refund API, at its own base path):
+one-step and two-step payments (prepare → validate → confirm or cancel), refunds, look-ups,
+CloudEvents to the client's sink. Checked against CAMARA's Gherkin test definitions
+(tests/camara_bdd): input validation before any debit, the standard error body on every
+refusal, x-correlator checked and echoed, scopes per operation, 3-legged tokens.
+
+A repeated clientCorrelator is refused: 400 while its payment is not completed, 409 once it
+is (or replayed, per the carrier's promise); a referenceCode of a live payment is 409."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from carriers.camara import sink_token
+from carriers.camara import LOOPBACK_HOSTS, sink_token
 from simulators.books import InsufficientFunds, RefundRefused
 from simulators.core import (
     SimCarrier,
@@ -32,11 +42,100 @@ from simulators.core import (
 PROTOCOL = "camara"
 EVENT_DELAY_SECONDS = 0.2
 BASE = "/{carrier}/camara/carrier-billing/v0"
+REFUND_BASE = "/{carrier}/camara/carrier-billing-refund/v0"
+PHONE = re.compile(r"^\+[1-9][0-9]{4,14}$")
+CORRELATOR = re.compile(r"^[a-zA-Z0-9-_:;./<>{}]{0,256}$")
+CURRENCY = re.compile(r"^[A-Z]{3}$")
+PAYMENT_STATUSES = ("processing", "pending_validation", "denied", "reserved", "succeeded",
+                    "cancelled")
+REFUND_STATUSES = ("processing", "denied", "succeeded")
+LIVE = ("processing", "pending_validation", "reserved", "succeeded")
+MAX_PER_PAGE = 100
+MAX_VALIDATION_ATTEMPTS = 3
+CREATE, READ, WRITE = ("carrier-billing:payments:create", "carrier-billing:payments:read",
+                       "carrier-billing:payments:write")
+REFUND_CREATE, REFUND_READ = ("carrier-billing-refund:refunds:create",
+                              "carrier-billing-refund:refunds:read")
+
+
+class Problem(Exception):
+    """A refusal in the spec's ErrorInfo shape."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+    def response(self) -> web.Response:
+        return web.json_response({"status": self.status, "code": self.code,
+                                  "message": self.message}, status=self.status,
+                                 headers=self.headers)
 
 
 def problem(status: int, code: str, message: str, correlator: str = "") -> web.Response:
     return web.json_response({"status": status, "code": code, "message": message}, status=status,
                              headers={"x-correlator": correlator} if correlator else None)
+
+
+def bad(message: str, code: str = "INVALID_ARGUMENT") -> Problem:
+    return Problem(400, code, message)
+
+
+def parse_when(value: str, name: str) -> datetime:
+    """An RFC 3339 date-time with a zone (compared as a moment, never as text)."""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad(f"{name} is not an RFC 3339 date-time") from None
+    if moment.tzinfo is None:
+        raise bad(f"{name} must have a time zone")
+    return moment
+
+
+def _number(value: Any, name: str, minimum: Decimal) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise bad(f"{name} must be a number")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise bad(f"{name} must be a number") from None
+    if not amount.is_finite() or amount < minimum or amount != amount.quantize(Decimal("0.001")):
+        raise bad(f"{name} must be at least {minimum} in steps of 0.001")
+    return amount
+
+
+def _dig(body: Any, *path: str) -> Any:
+    for key in path:
+        body = body.get(key) if isinstance(body, dict) else None
+    return body
+
+
+@dataclass
+class Grant:
+    """What an access token allows: its scopes (None: all) and the phone number it was issued
+    for (3-legged), if any. Tokens from the ordinary token endpoint are 2-legged, all scopes."""
+    scopes: frozenset[str] | None = None
+    phone: str | None = None
+
+
+@dataclass
+class Policy:
+    """Per-carrier operator rules a test or the demo sets (/_control/camara/policy)."""
+    number_prefixes: list[str] = field(default_factory=list)  # empty: every number is ours
+    denied: set[str] = field(default_factory=set)  # numbers business rules refuse (403)
+    not_applicable: set[str] = field(default_factory=set)  # numbers without the service
+    max_amount: Decimal | None = None
+    threshold_amount: Decimal | None = None
+    max_refund_amount: Decimal | None = None
+    rate_limit: int | None = None  # requests per second
+    seen: deque[float] = field(default_factory=deque)
+
+
+@dataclass
+class Call:
+    carrier: SimCarrier
+    grant: Grant
+    correlator: str
 
 
 @dataclass
@@ -56,6 +155,8 @@ class Payment:
     final_status: str | None = None
     refunds: list[dict[str, Any]] = field(default_factory=list)
     visible_at: float = 0.0  # before this, look-ups do not see it (commit_after_reply)
+    payment_date: str | None = None
+    validation_attempts: int = 0
 
     def visible(self) -> bool:
         return time.time() >= self.visible_at
@@ -68,12 +169,33 @@ class Payment:
             self.status, self.final_status = self.final_status, None
         return self.status
 
+    def created_at(self) -> datetime:
+        return parse_when(self.created, "paymentCreationDate")
+
     def view(self) -> dict[str, Any]:
-        view = {"paymentId": self.payment_id, "paymentStatus": self.current_status(),
-                "amountTransaction": self.transaction, "paymentCreationDate": self.created}
-        if self.status == "denied" and self.denial_reason:
+        """What the operator shows of a payment: never the sink or its credential."""
+        status = self.current_status()
+        view: dict[str, Any] = {
+            "paymentId": self.payment_id, "paymentStatus": status,
+            "amountTransaction": {k: v for k, v in self.transaction.items()
+                                  if not k.startswith("_")},
+            "paymentCreationDate": self.created}
+        if status == "succeeded" and self.payment_date:
+            view["paymentDate"] = self.payment_date
+        if status == "denied" and self.denial_reason:
             view["denialReason"] = self.denial_reason
         return view
+
+    def refunded(self, statuses: tuple[str, ...] = ("processing", "succeeded")) -> Decimal:
+        return sum((Decimal(str(r["_amount"])) for r in self.refunds
+                    if r["refundStatus"] in statuses), Decimal(0))
+
+
+def refund_view(refund: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in refund.items() if not k.startswith("_")}
+
+
+Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
 
 
 class CamaraOperator:
@@ -82,6 +204,8 @@ class CamaraOperator:
         self.payments: dict[str, Payment] = {}
         # (carrier, clientCorrelator) -> (payment id, refund id or "", visible from)
         self.correlators: dict[tuple[str, str], tuple[str, str, float]] = {}
+        self.grants: dict[str, Grant] = {}
+        self.policies: dict[str, Policy] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         core.reset_hooks.append(self._forget)
         core.callback_senders[PROTOCOL] = self.send_on_demand
@@ -95,9 +219,14 @@ class CamaraOperator:
     def _forget(self) -> None:
         self.payments.clear()
         self.correlators.clear()
+        self.grants.clear()
+        self.policies.clear()
 
     def _save(self, payment: Payment) -> None:
         self.core.save_record(PROTOCOL, payment.payment_id, payment.record())
+
+    def policy(self, carrier_id: str) -> Policy:
+        return self.policies.setdefault(carrier_id, Policy())
 
     def _used(self, carrier: SimCarrier, key: str) -> tuple[str, str] | None:
         """What a (visible) earlier use of this clientCorrelator created, if any."""
@@ -113,51 +242,184 @@ class CamaraOperator:
             "carrier_id": carrier.carrier_id, "key": key, "payment_id": payment_id,
             "refund_id": refund_id, "visible_at": visible_at})
 
-    def _duplicate(self, carrier: SimCarrier, key: str, correlator_header: str = ""
-                   ) -> web.Response | None:
+    def _duplicate(self, carrier: SimCarrier, key: str) -> web.Response | None:
         """The answer to a repeated clientCorrelator, or None to go on (a new operation)."""
         used = self._used(carrier, key)
         if used is None or carrier.deduplicates_by_key == "no":
             return None
-        if carrier.deduplicates_by_key == "error":
-            return problem(409, "ALREADY_EXISTS", "clientCorrelator already used",
-                           correlator_header)
         payment = self.payments[used[0]]
+        if carrier.deduplicates_by_key == "error":
+            if not used[1] and payment.book_reference is None and payment.current_status() in LIVE:
+                raise bad("clientCorrelator already in use by a payment not completed")
+            raise Problem(409, "ALREADY_EXISTS", "clientCorrelator already used")
         if used[1]:
             refund = next((r for r in payment.refunds if r["refundId"] == used[1]), None)
-            return web.json_response(refund, status=201)
-        return web.json_response(payment.view() | {
-            "amountTransaction": self._public(payment.transaction)}, status=201)
+            return web.json_response(refund_view(refund or {}), status=201)
+        return web.json_response(payment.view(), status=201)
+
+    # -- the frame of every API call ---------------------------------------------------------
+
+    def _api(self, scope: str, handler: Handler) -> Callable[[web.Request], Awaitable[
+            web.StreamResponse]]:
+        """Availability, authentication (401), x-correlator (400), scope (403), rate (429),
+        then the handler; every refusal has the ErrorInfo body, every answer the correlator."""
+        async def endpoint(request: web.Request) -> web.StreamResponse:
+            correlator = request.headers.get("x-correlator")
+            valid = correlator is not None and CORRELATOR.fullmatch(correlator) is not None
+            response: web.StreamResponse
+            try:
+                try:
+                    carrier = self.core.carrier(request, PROTOCOL)
+                except web.HTTPServiceUnavailable:
+                    raise Problem(503, "UNAVAILABLE", "service unavailable",
+                                  {"Retry-After": "1"}) from None
+                grant = self._grant(request, carrier)
+                if correlator is not None and not valid:
+                    raise bad("x-correlator does not comply with its schema")
+                if grant.scopes is not None and scope not in grant.scopes:
+                    raise Problem(403, "PERMISSION_DENIED", f"the token lacks scope {scope}")
+                self._throttle(carrier)
+                response = await handler(request, Call(carrier, grant, correlator or ""))
+            except Problem as refused:
+                response = refused.response()
+            if valid and correlator is not None:
+                response.headers["x-correlator"] = correlator
+            return response
+        return endpoint
+
+    def _grant(self, request: web.Request, carrier: SimCarrier) -> Grant:
+        header = request.headers.get("Authorization", "")
+        if not self.core.bearer_ok(header, carrier):
+            raise Problem(401, "UNAUTHENTICATED", "a valid access token is required")
+        return self.grants.get(header.removeprefix("Bearer "), Grant())
+
+    def _throttle(self, carrier: SimCarrier) -> None:
+        policy = self.policy(carrier.carrier_id)
+        if policy.rate_limit is None:
+            return
+        now = time.time()
+        while policy.seen and policy.seen[0] < now - 1:
+            policy.seen.popleft()
+        if len(policy.seen) >= policy.rate_limit:
+            raise Problem(429, "TOO_MANY_REQUESTS", "rate limit reached", {"Retry-After": "1"})
+        policy.seen.append(now)
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        text = await request.text()
+        if not text.strip():
+            raise bad("a request body is required")
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError:
+            raise bad("the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise bad("the request body must be an object")
+        return body
+
+    def _subscriber(self, call: Call, given: Any) -> str | None:
+        """The phone number a request is about: from the 3-legged token, or from the body with
+        a 2-legged one. None: neither (the caller decides whether that is an error)."""
+        if given is not None and (not isinstance(given, str) or not PHONE.fullmatch(given)):
+            raise bad("phoneNumber does not comply with the schema")
+        if call.grant.phone:
+            if given is not None and given != call.grant.phone:
+                raise Problem(422, "UNNECESSARY_IDENTIFIER",
+                              "the phone number is already identified by the access token")
+            return call.grant.phone
+        if given is None:
+            return None
+        policy = self.policy(call.carrier.carrier_id)
+        if policy.number_prefixes and not given.startswith(tuple(policy.number_prefixes)):
+            raise Problem(404, "IDENTIFIER_NOT_FOUND", "the phone number is not ours")
+        if given in policy.not_applicable:
+            raise Problem(422, "SERVICE_NOT_APPLICABLE", "the service is not available for "
+                          "this phone number")
+        return given
+
+    @staticmethod
+    def _check_sink(body: dict[str, Any]) -> None:
+        """sink and sinkCredential, checked before anything else happens."""
+        sink = body.get("sink")
+        if sink is not None:
+            if not isinstance(sink, str):
+                raise bad("sink must be a URL")
+            parts = urlsplit(sink)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise bad("sink is not a URL", "INVALID_SINK")
+            if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+                raise bad("sink must be an https URL", "INVALID_SINK")
+        credential = body.get("sinkCredential")
+        if credential is None:
+            return
+        kind = credential.get("credentialType") if isinstance(credential, dict) else None
+        if not isinstance(credential, dict) or kind not in ("PLAIN", "ACCESSTOKEN",
+                                                            "REFRESHTOKEN"):
+            raise bad("sinkCredential does not comply with the schema")
+        if kind != "ACCESSTOKEN":
+            raise bad("only ACCESSTOKEN sink credentials are supported", "INVALID_CREDENTIAL")
+        if credential.get("accessTokenType") != "bearer":
+            raise bad("only bearer access tokens are supported", "INVALID_TOKEN")
+        token, expires = credential.get("accessToken"), credential.get("accessTokenExpiresUtc")
+        if not isinstance(token, str) or not token:
+            raise bad("sinkCredential.accessToken is required", "INVALID_CREDENTIAL")
+        if expires is not None:
+            try:
+                moment = parse_when(str(expires), "accessTokenExpiresUtc")
+            except Problem:
+                raise bad("accessTokenExpiresUtc is not a date-time with a zone",
+                          "INVALID_CREDENTIAL") from None
+            if moment <= datetime.now(UTC):
+                raise bad("the sink credential has expired", "INVALID_CREDENTIAL")
+
+    def _charging(self, carrier: SimCarrier, info: Any, name: str) -> Decimal:
+        if not isinstance(info, dict):
+            raise bad(f"{name}.chargingInformation is required")
+        amount = _number(info.get("amount"), "amount", Decimal("0.001"))
+        currency = info.get("currency")
+        if not isinstance(currency, str) or not CURRENCY.fullmatch(currency):
+            raise bad("currency must be an ISO 4217 code")
+        if currency != carrier.currency:
+            raise bad(f"currency {currency} is not accepted: {carrier.currency} only")
+        if not isinstance(info.get("description"), str) or not info["description"]:
+            raise bad("description is required")
+        if "isTaxIncluded" in info and not isinstance(info["isTaxIncluded"], bool):
+            raise bad("isTaxIncluded must be a boolean")
+        if "taxAmount" in info:
+            _number(info["taxAmount"], "taxAmount", Decimal(0))
+        return amount
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post(f"{BASE}/payments", self.create)
-        app.router.add_get(f"{BASE}/payments", self.list_payments)
-        app.router.add_post(f"{BASE}/payments/prepare", self.prepare)
-        app.router.add_get(f"{BASE}/payments/{{payment_id}}", self.get_payment)
-        app.router.add_post(f"{BASE}/payments/{{payment_id}}/validate", self.validate)
-        app.router.add_post(f"{BASE}/payments/{{payment_id}}/confirm", self.confirm)
-        app.router.add_post(f"{BASE}/payments/{{payment_id}}/refunds", self.create_refund)
-        app.router.add_get(f"{BASE}/payments/{{payment_id}}/refunds", self.list_refunds)
-        app.router.add_get("/_control/camara/otp", self.otp)
+        route = app.router
+        route.add_post(f"{BASE}/payments", self._api(CREATE, self.create))
+        route.add_get(f"{BASE}/payments", self._api(READ, self.list_payments))
+        route.add_post(f"{BASE}/payments/prepare", self._api(CREATE, self.prepare))
+        route.add_get(f"{BASE}/payments/{{payment_id}}", self._api(READ, self.get_payment))
+        route.add_post(f"{BASE}/payments/{{payment_id}}/validate",
+                       self._api(WRITE, self.validate))
+        route.add_post(f"{BASE}/payments/{{payment_id}}/confirm", self._api(WRITE, self.confirm))
+        route.add_post(f"{BASE}/payments/{{payment_id}}/cancel", self._api(WRITE, self.cancel))
+        # the refund API lives at its own base; the older path under the payments API stays
+        for base in (REFUND_BASE, BASE):
+            route.add_get(f"{base}/payments/{{payment_id}}/refunds/remaining-amount",
+                          self._api(REFUND_READ, self.remaining_amount))
+            route.add_post(f"{base}/payments/{{payment_id}}/refunds",
+                           self._api(REFUND_CREATE, self.create_refund))
+            route.add_get(f"{base}/payments/{{payment_id}}/refunds",
+                          self._api(REFUND_READ, self.list_refunds))
+            route.add_get(f"{base}/payments/{{payment_id}}/refunds/{{refund_id}}",
+                          self._api(REFUND_READ, self.get_refund))
+        route.add_get("/_control/camara/otp", self.otp)
+        route.add_post("/_control/camara/token", self.issue_token)
+        route.add_post("/_control/camara/policy", self.set_policy)
+        route.add_post("/_control/camara/backdate", self.backdate)
 
-    # -- plumbing ------------------------------------------------------------------------------
-
-    def _authorised(self, request: web.Request) -> SimCarrier:
-        carrier = self.core.carrier(request, PROTOCOL)
-        if not self.core.http_auth_ok(request, carrier):
-            raise web.HTTPUnauthorized(text=json.dumps(
-                {"status": 401, "code": "UNAUTHENTICATED", "message": "invalid token"}),
-                content_type="application/json")
-        return carrier
-
-    def _payment(self, request: web.Request, carrier: SimCarrier) -> Payment:
+    def _payment(self, request: web.Request, call: Call) -> Payment:
         payment = self.payments.get(request.match_info["payment_id"])
-        if payment is None or payment.carrier_id != carrier.carrier_id or not payment.visible():
-            raise web.HTTPNotFound(text=json.dumps(
-                {"status": 404, "code": "NOT_FOUND", "message": "no such payment"}),
-                content_type="application/json")
+        if payment is None or payment.carrier_id != call.carrier.carrier_id or (
+                call.grant.phone and payment.msisdn != call.grant.phone):
+            raise Problem(404, "NOT_FOUND", "no such payment")
         return payment
-
     @staticmethod
     def _event(kind: str, data: dict[str, Any]) -> dict[str, Any]:
         return {"id": str(uuid.uuid4()), "source": "https://operator.example/carrier-billing",
@@ -189,7 +451,7 @@ class CamaraOperator:
     def _opposite(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
         if kind.endswith("payment-completed"):
             return self._event("carrier-billing.v0.payment-denied", {
-                "paymentId": data.get("paymentId"), "status": "denied",
+                "paymentId": data.get("paymentId"), "status": "failed",
                 "description": "payment denied", "denialReason": "insufficient balance"})
         return self._event("carrier-billing.v0.payment-completed", {
             "paymentId": data.get("paymentId"), "status": "succeeded",
@@ -204,7 +466,8 @@ class CamaraOperator:
     async def _deliver(sink: str, token: str, event: dict[str, Any],
                        delay: float = EVENT_DELAY_SECONDS) -> int:
         await asyncio.sleep(delay)
-        return await deliver(sink, json.dumps(event).encode(), {"Authorization": f"Bearer {token}"})
+        return await deliver(sink, json.dumps(event).encode(), {
+            "Content-Type": "application/cloudevents+json", "Authorization": f"Bearer {token}"})
 
     async def send_on_demand(self, carrier: SimCarrier, request: dict[str, Any]) -> dict[str, Any]:
         """/_control/callback: one CloudEvent now, saying what the request asks."""
@@ -224,7 +487,7 @@ class CamaraOperator:
                 else "carrier-billing.v0.payment-denied")
         data: dict[str, Any] = {"paymentId": payment_id,
                                 "status": "succeeded" if request["outcome"] == "success"
-                                else "denied"}
+                                else "failed"}
         if request["outcome"] == "insufficient_funds":
             data["denialReason"] = "insufficient balance"
         elif request["outcome"] == "failed":
@@ -233,37 +496,86 @@ class CamaraOperator:
         status = await self._deliver(url, token, event, 0.0)
         return {"url": url, "status": status, "body": event}
 
-    @staticmethod
-    def _parse(body: dict[str, Any], carrier: SimCarrier) -> tuple[str, Decimal, str]:
-        transaction = body["amountTransaction"]
-        info = transaction["paymentAmount"]["chargingInformation"]
-        amount = Decimal(str(info["amount"]))
-        if info["currency"] != carrier.currency or amount <= 0:
-            raise ValueError("amount or currency")
-        return str(transaction["clientCorrelator"]), amount, str(transaction.get("phoneNumber", ""))
 
-    async def _start(self, request: web.Request, two_step: bool) -> web.StreamResponse:
-        carrier = self._authorised(request)
-        correlator_header = request.headers.get("x-correlator", "")
-        try:
-            body = await request.json()
-            key, amount, msisdn = self._parse(body, carrier)
-        except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
-            return problem(400, "INVALID_ARGUMENT", f"invalid input: {exc}", correlator_header)
-        duplicate = self._duplicate(carrier, key, correlator_header)
-        if duplicate is not None:
-            return duplicate
+    async def _refuse(self, fault: TakenFault | None, malformed: str) -> web.Response | None:
+        """Faults before any money moves, with the spec's error body where it has one."""
+        if fault is not None and fault.kind == "error_503":
+            return Problem(503, "UNAVAILABLE", "service unavailable", {"Retry-After": "1"}
+                           ).response()
+        if fault is not None and fault.kind == "throttle":
+            return Problem(429, "TOO_MANY_REQUESTS", "too many requests",
+                           {"Retry-After": str(int(fault.delay) or 1)}).response()
+        if fault is not None and fault.kind == "error_500":
+            return Problem(500, "INTERNAL", "internal error").response()
+        return await refuse_before_debit(
+            fault, lambda: web.Response(status=201, text=malformed,
+                                        content_type="application/json"))
+
+    def _read_payment(self, call: Call, body: dict[str, Any]) -> tuple[
+            dict[str, Any], Decimal, str | None, str]:
+        transaction = body.get("amountTransaction")
+        if not isinstance(transaction, dict):
+            raise bad("amountTransaction is required")
+        if not isinstance(transaction.get("paymentAmount"), dict):
+            raise bad("amountTransaction.paymentAmount is required")
+        amount = self._charging(call.carrier, transaction["paymentAmount"].get(
+            "chargingInformation"), "paymentAmount")
+        if not isinstance(transaction.get("referenceCode"), str) or not transaction[
+                "referenceCode"]:
+            raise bad("amountTransaction.referenceCode is required")
+        key = transaction.get("clientCorrelator")
+        if key is not None and not isinstance(key, str):
+            raise bad("clientCorrelator must be a string")
+        self._check_sink(body)
+        msisdn = self._subscriber(call, transaction.get("phoneNumber"))
+        if msisdn is None:
+            raise Problem(422, "MISSING_IDENTIFIER", "the phone number is required: the access "
+                          "token does not identify one")
+        return transaction, amount, key, msisdn
+
+    def _business_rules(self, carrier: SimCarrier, msisdn: str, amount: Decimal) -> None:
+        policy = self.policy(carrier.carrier_id)
+        if msisdn in policy.denied:
+            raise Problem(403, "CARRIER_BILLING.PAYMENT_DENIED", "payment denied by business "
+                          "rules")
+        if policy.max_amount is not None and amount > policy.max_amount:
+            raise Problem(422, "CARRIER_BILLING.UNAUTHORIZED_AMOUNT", "amount exceeds the "
+                          "regulated maximum")
+        if policy.threshold_amount is not None:
+            spent = sum((p.amount for p in self.payments.values()
+                         if p.carrier_id == carrier.carrier_id and p.msisdn == msisdn
+                         and p.current_status() in LIVE), Decimal(0))
+            if spent + amount > policy.threshold_amount:
+                raise Problem(422, "CARRIER_BILLING.AMOUNT_THRESHOLD_OVERPASSED",
+                              "amount exceeds the accumulated threshold")
+
+    async def _start(self, request: web.Request, call: Call, two_step: bool
+                     ) -> web.StreamResponse:
+        carrier = call.carrier
+        body = await self._body(request)
+        transaction, amount, key, msisdn = self._read_payment(call, body)
+        if key is not None:
+            duplicate = self._duplicate(carrier, key)
+            if duplicate is not None:
+                return duplicate
+        reference = transaction["referenceCode"]
+        # without a clientCorrelator, the referenceCode of a live payment is what tells a repeat
+        if key is None and any(p.carrier_id == carrier.carrier_id and p.visible()
+               and p.transaction.get("referenceCode") == reference
+               and p.current_status() in LIVE for p in self.payments.values()):
+            raise Problem(409, "ALREADY_EXISTS", "a payment with this referenceCode exists")
+        self._business_rules(carrier, msisdn, amount)
         fault = self.core.take_fault(carrier.carrier_id, msisdn)
-        refusal = await refuse_before_debit(
-            fault, lambda: web.Response(status=201, text="{payment", content_type="application/json"))
+        refusal = await self._refuse(fault, "{payment")
         if refusal is not None:
             return refusal
 
         visible_at = fault.visible_at() if fault else 0.0
         payment = Payment(f"{carrier.carrier_id}-pay-{self.core.next_id(PROTOCOL):08d}",
-                          carrier.carrier_id, msisdn, amount, dict(body["amountTransaction"]),
+                          carrier.carrier_id, msisdn, amount, dict(transaction),
                           "processing", visible_at=visible_at)
         payment.transaction["_sink_url"] = body.get("sink")
+        key = key or payment.payment_id
         if two_step:
             payment.status = "pending_validation"
             payment.authorization_id = secrets.token_hex(6)
@@ -274,20 +586,14 @@ class CamaraOperator:
                 self._use(carrier, key, payment.payment_id, "", visible_at)
                 self._save(payment)
             self.payments[payment.payment_id] = payment
-            reply = payment.view() | {"authorizationId": payment.authorization_id}
-            reply["amountTransaction"] = self._public(payment.transaction)
-            return web.json_response(reply, status=201)
+            return web.json_response(payment.view() | {"validationInfo": {
+                "action": "validate", "authorizationId": payment.authorization_id}}, status=201)
         with self.core.atomic():  # the key, the debit and the payment: one commit
             self._use(carrier, key, payment.payment_id, "", visible_at)
             self._settle(carrier, payment, body, fault)
         self.payments[payment.payment_id] = payment
         await lose_answer_after_debit(request, fault)
-        return web.json_response(payment.view(), status=201,
-                                 headers={"x-correlator": correlator_header})
-
-    @staticmethod
-    def _public(transaction: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in transaction.items() if not k.startswith("_")}
+        return web.json_response(payment.view(), status=201)
 
     def _settle(self, carrier: SimCarrier, payment: Payment, body: dict[str, Any],
                 fault: TakenFault | None) -> None:
@@ -298,18 +604,20 @@ class CamaraOperator:
             if fault_kind in ("insufficient_funds", "fault_code_variant"):
                 raise InsufficientFunds()
             txn = book.charge(payment.msisdn, payment.amount,
-                              str(payment.transaction["clientCorrelator"]), payment.payment_id,
+                              str(payment.transaction.get("clientCorrelator")
+                                  or payment.payment_id), payment.payment_id,
                               payment.visible_at)
             payment.book_reference = txn.server_reference
+            payment.payment_date = datetime.now(UTC).isoformat()
             payment.final_status, event = "succeeded", "payment-completed"
             data = {"paymentId": payment.payment_id, "status": "succeeded",
-                    "description": "payment completed", "paymentDate": datetime.now(UTC).isoformat()}
+                    "description": "payment completed", "paymentDate": payment.payment_date}
         except InsufficientFunds:
             payment.final_status, event = "denied", "payment-denied"
             payment.denial_reason = "insufficient balance"
             if fault is not None and fault_kind == "fault_code_variant":
                 payment.denial_reason = fault.text or fault.code or "credit limit reached"
-            data = {"paymentId": payment.payment_id, "status": "denied",
+            data = {"paymentId": payment.payment_id, "status": "failed",
                     "description": "payment denied", "denialReason": payment.denial_reason}
         payment.ready_at = time.time() + EVENT_DELAY_SECONDS
         self._save(payment)
@@ -317,110 +625,265 @@ class CamaraOperator:
 
     # -- endpoints -----------------------------------------------------------------------------
 
-    async def create(self, request: web.Request) -> web.StreamResponse:
-        return await self._start(request, two_step=False)
+    async def create(self, request: web.Request, call: Call) -> web.StreamResponse:
+        return await self._start(request, call, two_step=False)
 
-    async def prepare(self, request: web.Request) -> web.StreamResponse:
-        return await self._start(request, two_step=True)
+    async def prepare(self, request: web.Request, call: Call) -> web.StreamResponse:
+        return await self._start(request, call, two_step=True)
 
-    async def validate(self, request: web.Request) -> web.Response:
-        carrier = self._authorised(request)
-        payment = self._payment(request, carrier)
-        body = await request.json()
-        if payment.status != "pending_validation":
-            return problem(409, "CARRIER_BILLING.PAYMENT_CONFIRMED", "not awaiting validation")
-        if body.get("authorizationId") != payment.authorization_id:
-            return problem(422, "CARRIER_BILLING.INVALID_AUTHORIZATION_ID", "invalid authorizationId")
-        if body.get("code") != payment.code:
-            return problem(422, "CARRIER_BILLING.INVALID_CODE", "invalid code")
+    @staticmethod
+    def _not_open(payment: Payment) -> Problem:
+        if payment.current_status() == "cancelled":
+            return Problem(409, "CARRIER_BILLING.PAYMENT_CANCELLED", "payment is cancelled")
+        return Problem(409, "CARRIER_BILLING.PAYMENT_CONFIRMED",
+                       f"payment is {payment.current_status()}")
+
+    async def validate(self, request: web.Request, call: Call) -> web.StreamResponse:
+        body = await self._body(request)
+        for name in ("authorizationId", "code"):
+            if not isinstance(body.get(name), str):
+                raise bad(f"{name} is required")
+        payment = self._payment(request, call)
+        if payment.current_status() != "pending_validation":
+            raise self._not_open(payment)
+        if body["authorizationId"] != payment.authorization_id:
+            raise bad("invalid authorizationId", "CARRIER_BILLING.INVALID_AUTHORIZATION_ID")
+        if body["code"] != payment.code:
+            payment.validation_attempts += 1
+            if payment.validation_attempts >= MAX_VALIDATION_ATTEMPTS:
+                payment.status, payment.denial_reason = "denied", "validation failed"
+                self._save(payment)
+                raise bad("too many wrong codes", "CARRIER_BILLING.VALIDATION_FAILED")
+            self._save(payment)
+            raise bad("invalid code", "CARRIER_BILLING.INVALID_CODE")
         payment.status = "reserved"
         self._save(payment)
         return web.Response(status=204)
 
-    async def confirm(self, request: web.Request) -> web.Response:
-        carrier = self._authorised(request)
-        payment = self._payment(request, carrier)
+    async def _prepared(self, request: web.Request, call: Call) -> Payment:
+        """The payment a confirm or cancel names, with the phone number checks of both."""
+        body = await self._body(request)
+        msisdn = self._subscriber(call, body.get("phoneNumber"))
+        payment = self._payment(request, call)
+        if msisdn is not None and msisdn != payment.msisdn:
+            raise Problem(404, "NOT_FOUND", "no such payment for this phone number")
+        if payment.current_status() == "pending_validation" and call.grant.phone is None \
+                and msisdn is None and "phoneNumber" in body:
+            raise bad("phoneNumber is invalid")
+        return payment
+
+    async def confirm(self, request: web.Request, call: Call) -> web.StreamResponse:
+        payment = await self._prepared(request, call)
         if payment.current_status() != "reserved":
-            return problem(409, "CARRIER_BILLING.PAYMENT_CONFIRMED",
-                           f"payment is {payment.status}")
+            raise self._not_open(payment)
+        if payment.msisdn in self.policy(call.carrier.carrier_id).denied:
+            payment.status, payment.denial_reason = "denied", "payment denied by business rules"
+            self._save(payment)
+            raise Problem(403, "CARRIER_BILLING.PAYMENT_DENIED", "payment denied by business "
+                          "rules")
         sink = {"sink": payment.transaction.pop("_sink", None),
                 "sinkCredential": payment.transaction.pop("_sinkCredential", None)}
         with self.core.atomic():
-            self._settle(carrier, payment, sink, None)
-            payment.ready_at = 0.0  # two-step confirmation answers synchronously
+            self._settle(call.carrier, payment, sink, None)
+            payment.ready_at = 0.0  # the debit is done before the answer
             self._save(payment)
-        return web.json_response(payment.view())
+        return web.Response(status=202)
 
-    async def get_payment(self, request: web.Request) -> web.Response:
-        carrier = self._authorised(request)
-        return web.json_response(self._payment(request, carrier).view())
+    async def cancel(self, request: web.Request, call: Call) -> web.StreamResponse:
+        payment = await self._prepared(request, call)
+        if payment.current_status() not in ("pending_validation", "reserved"):
+            raise self._not_open(payment)
+        sink = {"sink": payment.transaction.pop("_sink", None),
+                "sinkCredential": payment.transaction.pop("_sinkCredential", None)}
+        payment.status = "cancelled"
+        self._save(payment)
+        self._notify(call.carrier, sink, "carrier-billing.v0.payment-cancelled", {
+            "paymentId": payment.payment_id, "status": "succeeded",
+            "description": "payment cancelled"})
+        return web.Response(status=202)
 
-    async def list_payments(self, request: web.Request) -> web.Response:
+    async def get_payment(self, request: web.Request, call: Call) -> web.StreamResponse:
+        return web.json_response(self._payment(request, call).view())
+
+    @staticmethod
+    def _page(request: web.Request, items: list[Any], code_prefix: str) -> web.Response:
+        try:
+            page = int(request.query.get("page", "1"))
+            per_page = int(request.query.get("perPage", "10"))
+        except ValueError:
+            raise bad("page and perPage must be integers") from None
+        if page < 1 or per_page < 1:
+            raise bad("page and perPage must be at least 1")
+        if page > 1 and (page - 1) * per_page >= len(items):
+            raise bad("page out of range", f"{code_prefix}.OUT_OF_RANGE")
+        if per_page > MAX_PER_PAGE:
+            raise bad(f"at most {MAX_PER_PAGE} per page", f"{code_prefix}.TOO_MANY_MATCHING_RECORDS")
+        window = items[(page - 1) * per_page: page * per_page]
+        return web.json_response(window, headers={"X-Total-Count": str(len(items))})
+
+    @staticmethod
+    def _filters(request: web.Request, date_name: str, statuses: tuple[str, ...],
+                 code_prefix: str) -> tuple[datetime | None, datetime | None, bool, set[str]]:
+        query = request.query
+        since = parse_when(query[f"{date_name}.gte"], f"{date_name}.gte") \
+            if f"{date_name}.gte" in query else None
+        until = parse_when(query[f"{date_name}.lte"], f"{date_name}.lte") \
+            if f"{date_name}.lte" in query else None
+        if since and until and since > until:
+            raise bad("the start date is after the end date", f"{code_prefix}.INVALID_DATE_RANGE")
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise bad("order is asc or desc")
+        wanted: set[str] = set()
+        for name in ("paymentStatus", "refundStatus"):
+            for value in query.getall(name, []):
+                wanted |= {v for v in value.split(",") if v}
+        if not wanted <= set(statuses):
+            raise bad(f"unknown status in {sorted(wanted - set(statuses))}")
+        return since, until, order == "desc", wanted
+
+    async def list_payments(self, request: web.Request, call: Call) -> web.StreamResponse:
         """retrievePayments: how a client finds its payment by clientCorrelator."""
-        carrier = self.core.carrier(request, PROTOCOL)
+        carrier = call.carrier
         if not carrier.status_lookup:
             return lookup_absent()
-        carrier = self._authorised(request)
         fault = self.core.take_lookup_fault(carrier.carrier_id)
         if fault is not None and fault.status == 401:
-            return problem(401, "UNAUTHENTICATED", "invalid token")
+            raise Problem(401, "UNAUTHENTICATED", "invalid token")
         if fault is not None:
-            return problem(fault.status or 500, "INTERNAL", "server error")
-        page, per_page = int(request.query.get("page", "1")), int(request.query.get("perPage", "20"))
-        since = request.query.get("paymentCreationDate.gte", "")
+            raise Problem(fault.status or 500, "INTERNAL", "server error")
+        since, until, newest_first, wanted = self._filters(
+            request, "paymentCreationDate", PAYMENT_STATUSES, "CARRIER_BILLING")
+        merchant = request.query.get("merchantIdentifier")
         mine = [p for p in self.payments.values()
-                if p.carrier_id == carrier.carrier_id and p.created >= since and p.visible()]
-        if request.query.get("order", "desc") == "desc":
-            mine.reverse()
-        window = mine[(page - 1) * per_page: page * per_page]
-        return web.json_response([p.view() | {"amountTransaction": self._public(p.transaction)}
-                                  for p in window])
+                if p.carrier_id == carrier.carrier_id and p.visible()
+                and (call.grant.phone is None or p.msisdn == call.grant.phone)
+                and (since is None or p.created_at() >= since)
+                and (until is None or p.created_at() <= until)
+                and (not wanted or p.current_status() in wanted)
+                and (merchant is None or _dig(p.transaction, "paymentAmount", "chargingMetaData",
+                                              "merchantIdentifier") == merchant)]
+        mine.sort(key=lambda p: (p.created_at(), p.payment_id), reverse=newest_first)
+        return self._page(request, [p.view() for p in mine], "CARRIER_BILLING")
 
-    async def create_refund(self, request: web.Request) -> web.StreamResponse:
-        carrier = self._authorised(request)
-        payment = self._payment(request, carrier)
-        try:
-            body = await request.json()
-            transaction = body["amountTransaction"]
-            key = str(transaction["clientCorrelator"])
-            amount = Decimal(str(transaction["paymentAmount"]["chargingInformation"]["amount"]))
-        except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
-            return problem(400, "INVALID_ARGUMENT", f"invalid input: {exc}")
-        duplicate = self._duplicate(carrier, key)
-        if duplicate is not None:
-            return duplicate
+    def _read_refund(self, call: Call, body: dict[str, Any], payment: Payment
+                     ) -> tuple[dict[str, Any], Decimal, str | None]:
+        kind = body.get("type")
+        if kind not in ("total", "partial"):
+            raise bad("type is total or partial")
+        transaction = body.get("amountTransaction")
+        if not isinstance(transaction, dict) or not isinstance(
+                transaction.get("refundAmount"), dict):
+            raise bad("amountTransaction.refundAmount is required")
+        if not isinstance(transaction.get("referenceCode"), str) or not transaction[
+                "referenceCode"]:
+            raise bad("amountTransaction.referenceCode is required")
+        key = transaction.get("clientCorrelator")
+        if key is not None and not isinstance(key, str):
+            raise bad("clientCorrelator must be a string")
+        self._check_sink(body)
+        remaining = payment.amount - payment.refunded()
+        if kind == "total":
+            return transaction, remaining, key
+        info = transaction["refundAmount"].get("chargingInformation")
+        amount = self._charging(call.carrier, info, "refundAmount")
+        if bool(info.get("isTaxIncluded", False)) != bool(_dig(
+                payment.transaction, "paymentAmount", "chargingInformation", "isTaxIncluded")
+                or False):
+            raise Problem(422, "CARRIER_BILLING_REFUND.TAXES_MANAGEMENT_MISMATCH",
+                          "isTaxIncluded differs from the payment's")
+        policy = self.policy(call.carrier.carrier_id)
+        if amount > remaining or (policy.max_refund_amount is not None
+                                  and amount > policy.max_refund_amount):
+            raise Problem(422, "CARRIER_BILLING_REFUND.UNAUTHORIZED_AMOUNT",
+                          "the refund exceeds what is left of the payment")
+        return transaction, amount, key
+
+    async def create_refund(self, request: web.Request, call: Call) -> web.StreamResponse:
+        carrier = call.carrier
+        body = await self._body(request)
+        payment = self._payment(request, call)
+        transaction, amount, key = self._read_refund(call, body, payment)
+        if key is not None:
+            duplicate = self._duplicate(carrier, key)
+            if duplicate is not None:
+                return duplicate
+        if payment.current_status() != "succeeded":
+            raise Problem(422, "CARRIER_BILLING_REFUND.INVALID_PAYMENT_STATUS",
+                          f"payment is {payment.current_status()}")
+        if amount <= 0:
+            raise Problem(422, "CARRIER_BILLING_REFUND.PAYMENT_NOT_ELIGIBLE_FOR_REFUND",
+                          "the payment is refunded already")
         fault = self.core.take_fault(carrier.carrier_id, payment.msisdn)
-        refusal = await refuse_before_debit(
-            fault, lambda: web.Response(status=201, text="{refund", content_type="application/json"))
+        refusal = await self._refuse(fault, "{refund")
         if refusal is not None:
             return refusal
         visible_at = fault.visible_at() if fault else 0.0
-        refund: dict[str, Any] = {"refundId": f"{payment.payment_id}-r{len(payment.refunds) + 1}",
-                  "refundStatus": "succeeded", "type": body.get("type", "total"),
-                  "refundCreationDate": datetime.now(UTC).isoformat(),
-                  "amountTransaction": transaction}
+        now = datetime.now(UTC).isoformat()
+        refund: dict[str, Any] = {
+            "refundId": f"{payment.payment_id}-r{len(payment.refunds) + 1}",
+            "refundStatus": "succeeded", "type": body["type"], "refundCreationDate": now,
+            "amountTransaction": transaction, "_amount": str(amount)}
+        if isinstance(body.get("reason"), str):
+            refund["reason"] = body["reason"]
         with self.core.atomic():  # the key, the credit and the refund record: one commit
             try:
                 if payment.book_reference is None:
                     raise RefundRefused("payment not charged")
                 self.core.books[carrier.carrier_id].refund(
-                    payment.msisdn, amount, key, "refund", payment.book_reference, visible_at)
-                event = "refund-completed"
+                    payment.msisdn, amount, key or refund["refundId"], "refund",
+                    payment.book_reference, visible_at)
+                refund["refundDate"], event, status = now, "refund-completed", "succeeded"
             except RefundRefused as exc:
                 refund["refundStatus"], refund["denialReason"] = "denied", str(exc)
-                event = "refund-denied"
-            self._use(carrier, key, payment.payment_id, str(refund["refundId"]), visible_at)
+                event, status = "refund-denied", "failed"
+            self._use(carrier, key or str(refund["refundId"]), payment.payment_id,
+                      str(refund["refundId"]), visible_at)
             payment.refunds.append(refund)
             self._save(payment)
-        self._notify(carrier, body, f"carrier-billing-refund.v0.{event}",
-                     {"paymentId": payment.payment_id, "refundId": refund["refundId"],
-                      "status": refund["refundStatus"], "description": event}, fault)
+        data = {"paymentId": payment.payment_id, "refundId": refund["refundId"],
+                "status": status, "description": event}
+        if "refundDate" in refund:
+            data["refundDate"] = refund["refundDate"]
+        self._notify(carrier, body, f"carrier-billing-refund.v0.{event}", data, fault)
         await lose_answer_after_debit(request, fault)
-        return web.json_response(refund, status=201)
+        return web.json_response(refund_view(refund), status=201)
 
-    async def list_refunds(self, request: web.Request) -> web.Response:
-        carrier = self._authorised(request)
-        return web.json_response(self._payment(request, carrier).refunds)
+    async def list_refunds(self, request: web.Request, call: Call) -> web.StreamResponse:
+        payment = self._payment(request, call)
+        since, until, newest_first, wanted = self._filters(
+            request, "refundCreationDate", REFUND_STATUSES, "CARRIER_BILLING_REFUND")
+        merchant = request.query.get("merchantIdentifier")
+
+        def created(refund: dict[str, Any]) -> datetime:
+            return parse_when(str(refund["refundCreationDate"]), "refundCreationDate")
+
+        refunds = [r for r in payment.refunds
+                   if (since is None or created(r) >= since)
+                   and (until is None or created(r) <= until)
+                   and (not wanted or r["refundStatus"] in wanted)
+                   and (merchant is None or _dig(r, "amountTransaction", "refundAmount",
+                                                 "chargingMetaData", "merchantIdentifier")
+                        == merchant)]
+        refunds.sort(key=lambda r: (created(r), r["refundId"]), reverse=newest_first)
+        return self._page(request, [refund_view(r) for r in refunds], "CARRIER_BILLING_REFUND")
+
+    async def get_refund(self, request: web.Request, call: Call) -> web.StreamResponse:
+        payment = self._payment(request, call)
+        refund = next((r for r in payment.refunds
+                       if r["refundId"] == request.match_info["refund_id"]), None)
+        if refund is None:
+            raise Problem(404, "NOT_FOUND", "no such refund")
+        return web.json_response(refund_view(refund))
+
+    async def remaining_amount(self, request: web.Request, call: Call) -> web.StreamResponse:
+        payment = self._payment(request, call)
+        info = _dig(payment.transaction, "paymentAmount", "chargingInformation") or {}
+        remaining = payment.amount - payment.refunded() if payment.book_reference else Decimal(0)
+        return web.json_response({"amount": float(remaining), "currency": self.core.carriers[
+            payment.carrier_id].currency, "isTaxIncluded": bool(info.get("isTaxIncluded", False))})
+
+    # -- control (tests and the demo) ----------------------------------------------------------
 
     async def otp(self, request: web.Request) -> web.Response:
         """Test hook: the code the subscriber would have received by SMS."""
@@ -428,3 +891,47 @@ class CamaraOperator:
         if payment is None:
             raise web.HTTPNotFound()
         return web.json_response({"code": payment.code})
+
+    async def issue_token(self, request: web.Request) -> web.Response:
+        """Test hook: a token as an authorisation server would issue it, with chosen scopes, a
+        phone number (3-legged), or already expired."""
+        body = await request.json()
+        carrier = self.core.carriers[str(body["carrier"])]
+        token = secrets.token_urlsafe(24)
+        lifetime = -1.0 if body.get("expired") else 300.0
+        self.core.tokens[token] = (carrier.carrier_id, time.time() + lifetime)
+        scopes = body.get("scopes")
+        self.grants[token] = Grant(frozenset(scopes) if scopes is not None else None,
+                                   body.get("phoneNumber"))
+        return web.json_response({"access_token": token})
+
+    async def set_policy(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        policy = self.policy(str(body["carrier"]))
+        for name in ("number_prefixes",):
+            if name in body:
+                setattr(policy, name, list(body[name]))
+        for name in ("denied", "not_applicable"):
+            if name in body:
+                setattr(policy, name, set(body[name]))
+        for name in ("max_amount", "threshold_amount", "max_refund_amount"):
+            if name in body:
+                setattr(policy, name, None if body[name] is None else Decimal(str(body[name])))
+        if "rate_limit" in body:
+            policy.rate_limit = body["rate_limit"]
+            policy.seen.clear()
+        return web.json_response({"ok": True})
+
+    async def backdate(self, request: web.Request) -> web.Response:
+        """Test hook: a payment (or one of its refunds) created some days ago."""
+        body = await request.json()
+        payment = self.payments[str(body["paymentId"])]
+        moment = (datetime.now(UTC) - timedelta(days=float(body["days"]))).isoformat()
+        if body.get("refundId"):
+            for refund in payment.refunds:
+                if refund["refundId"] == body["refundId"]:
+                    refund["refundCreationDate"] = moment
+        else:
+            payment.created = moment
+        self._save(payment)
+        return web.json_response({"ok": True})

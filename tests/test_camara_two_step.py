@@ -40,7 +40,8 @@ async def test_prepare_validate_confirm(settings: Settings, simulator: Simulator
         assert valid.outcome is Outcome.PENDING
 
         confirmed = await adapter.confirm_payment("first-purchase-1", prepared.payment_id)
-        assert (confirmed.outcome, confirmed.carrier_reference) == (Outcome.SUCCEEDED,
+        # the spec's 202: accepted, the result comes by event or look-up
+        assert (confirmed.outcome, confirmed.carrier_reference) == (Outcome.PENDING,
                                                                     prepared.payment_id)
         assert await simulator.balance(carrier.id, msisdn) == Decimal("80.10")
         again = await adapter.confirm_payment("first-purchase-1", prepared.payment_id)
@@ -48,5 +49,32 @@ async def test_prepare_validate_confirm(settings: Settings, simulator: Simulator
         assert (again.outcome, again.carrier_code) == (Outcome.UNKNOWN,
                                                        "CARRIER_BILLING.PAYMENT_CONFIRMED")
         assert await simulator.balance(carrier.id, msisdn) == Decimal("80.10")
+    finally:
+        await adapter.aclose()
+
+
+async def test_a_prepared_payment_can_be_cancelled(settings: Settings, simulator: Simulator
+                                                   ) -> None:
+    registry = default_registry()
+    carrier = registry.carriers["br-ipe"]
+    adapter = build_adapter(carrier, settings, discard_interaction)
+    assert isinstance(adapter, CamaraAdapter)
+    msisdn = sample_msisdn(carrier, registry, random.Random(12))
+    await simulator.set_balance(carrier.id, msisdn, "100")
+    request = ChargeRequest(idempotency_key="cancelled-purchase-1", msisdn=msisdn,
+                            amount_minor=990, currency="BRL", description="Game Pass",
+                            reference_code="CP1")
+    try:
+        prepared = await adapter.prepare_payment(request)
+        assert prepared.payment_id and prepared.authorization_id
+        cancelled = await adapter.cancel_payment("cancelled-purchase-1", prepared.payment_id)
+        assert (cancelled.outcome, cancelled.carrier_reference) == (Outcome.PENDING,
+                                                                    prepared.payment_id)
+        again = await adapter.cancel_payment("cancelled-purchase-1", prepared.payment_id)
+        assert (again.outcome, again.carrier_code) == (Outcome.REJECTED,
+                                                       "CARRIER_BILLING.PAYMENT_CANCELLED")
+        late = await adapter.confirm_payment("cancelled-purchase-1", prepared.payment_id)
+        assert late.carrier_code == "CARRIER_BILLING.PAYMENT_CANCELLED"
+        assert await simulator.balance(carrier.id, msisdn) == Decimal("100")
     finally:
         await adapter.aclose()
