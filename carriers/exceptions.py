@@ -41,16 +41,14 @@ EXCEPTION_OUTCOMES: dict[str, Outcome] = {
 
 
 def family_outcome(message_id: str) -> Outcome | None:
-    """The family's meaning of ``message_id``: listed, or a policy exception (a refusal by
-    definition, before anything is processed); ``None`` when the family does not know it."""
-    known = EXCEPTION_OUTCOMES.get(message_id)
-    if known is not None:
-        return known
-    return Outcome.REJECTED if message_id.startswith("POL") else None
+    """The family's meaning of ``message_id``, or ``None`` when the family does not list it.
+    (Even an unlisted policy exception is not taken as final: carriers put their own meanings
+    behind POL ids, some of them after a debit; the carrier's entry says what its ids mean.)"""
+    return EXCEPTION_OUTCOMES.get(message_id)
 
 
 def outcome_for(message_id: str) -> Outcome:
-    """An unlisted policy refusal is final; an unlisted service error is not known to be."""
+    """A code nobody listed is unknown: settled, never taken as final."""
     return family_outcome(message_id) or Outcome.UNKNOWN
 
 

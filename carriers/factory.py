@@ -38,11 +38,16 @@ def carrier_secret(carrier: CarrierConfig, settings: Settings) -> str:
 
 
 def resolve_base_url(carrier: CarrierConfig, settings: Settings) -> str:
+    return _resolve(carrier, carrier.base_url, settings)
+
+
+def _resolve(carrier: CarrierConfig, address: str, settings: Settings) -> str:
+    """An address from the registry, its ``{name}`` placeholders filled from settings."""
     try:
-        return carrier.base_url.format(**settings.simulator_urls)
+        return address.format(**settings.simulator_urls)
     except KeyError as exc:
         raise CarrierConfigError(
-            f"carrier {carrier.id}: base_url names {exc} which is not in CB_SIMULATOR_URLS"
+            f"carrier {carrier.id}: an address names {exc} which is not in CB_SIMULATOR_URLS"
         ) from None
 
 
@@ -141,7 +146,10 @@ def build_adapter(
         if callback_secret is None:
             raise CarrierConfigError(f"carrier {carrier.id} needs secret "
                                      f"{carrier.auth.callback_secret_ref!r} for its sink")
-        adapter = cls(transport, callback_url, callback_secret.get_secret_value())
+        refund_base_url = (_resolve(carrier, carrier.refund_base_url, settings)
+                           if carrier.refund_base_url else None)
+        adapter = cls(transport, callback_url, callback_secret.get_secret_value(),
+                      refund_base_url)
     elif carrier.protocol == "callback-aggregator":
         adapter = cls(transport, callback_url)
     else:

@@ -29,7 +29,7 @@ def test_charged_with_reference_succeeds() -> None:
 @pytest.mark.parametrize(("status", "body", "outcome"), [
     (400, error("policyException", "POL1000"), Outcome.INSUFFICIENT_FUNDS),
     (400, error("policyException", "POL1001"), Outcome.REJECTED),
-    (400, error("policyException", "POL9999"), Outcome.REJECTED),
+    (400, error("policyException", "POL9999"), Outcome.UNKNOWN),  # nobody listed it
     (400, error("serviceException", "SVC0270"), Outcome.REJECTED),
     (409, error("serviceException", "SVC0005"), Outcome.UNKNOWN),
     (400, error("serviceException", "SVC4242"), Outcome.UNKNOWN),
