@@ -148,8 +148,11 @@ def build_adapter(
                                      f"{carrier.auth.callback_secret_ref!r} for its sink")
         refund_base_url = (_resolve(carrier, carrier.refund_base_url, settings)
                            if carrier.refund_base_url else None)
-        adapter = cls(transport, callback_url, callback_secret.get_secret_value(),
-                      refund_base_url)
+        try:
+            adapter = cls(transport, callback_url, callback_secret.get_secret_value(),
+                          refund_base_url)
+        except ValueError as exc:  # e.g. a sink that is not https
+            raise CarrierConfigError(f"carrier {carrier.id}: {exc}") from None
     elif carrier.protocol == "callback-aggregator":
         adapter = cls(transport, callback_url)
     else:

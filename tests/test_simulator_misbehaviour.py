@@ -588,7 +588,7 @@ async def test_camara_forged_and_foreign_events() -> None:
         forged, genuine = await rec.wait_for(2)
         assert forged.headers["Authorization"] != (
             f"Bearer {sink_token(carrier.callback_secret, forged_key)}")
-        assert json.loads(forged.body)["data"]["status"] == "denied"
+        assert json.loads(forged.body)["data"]["status"] == "failed"
         assert genuine.headers["Authorization"] == (
             f"Bearer {sink_token(carrier.callback_secret, forged_key)}")
         assert json.loads(genuine.body)["data"]["status"] == "succeeded"
