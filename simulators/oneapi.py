@@ -72,6 +72,13 @@ class OneApiCarrier:
         echoed["resourceURL"] = f"{request.url.with_query(None)}/{server_ref}"
         return web.json_response({"amountTransaction": echoed}, status=201)
 
+    def out_of_credit(self, carrier: SimCarrier) -> web.Response:
+        """Refuses for want of credit with the code this carrier's entry declares for it (its
+        own list), else the family's POL1000."""
+        code = insufficient_funds_code(self.registry.carriers.get(carrier.carrier_id), "POL1000")
+        kind = "serviceException" if code.startswith("SVC") else "policyException"
+        return request_error(400, kind, code, "insufficient credit")
+
     async def lookup(self, request: web.Request) -> web.Response:
         """Status by clientCorrelator: how a client settles an operation it got no answer to."""
         carrier = self.core.carrier(request, PROTOCOL)
@@ -136,7 +143,7 @@ class OneApiCarrier:
         if refusal is not None:
             return refusal
         if fault is not None and fault.kind == "insufficient_funds":
-            return request_error(400, "policyException", "POL1000", "insufficient credit")
+            return self.out_of_credit(carrier)
         if fault is not None and fault.kind == "fault_code_variant":
             # the code this carrier's registry entry says it refuses for want of credit with
             code = fault.code or insufficient_funds_code(
@@ -156,7 +163,7 @@ class OneApiCarrier:
                 return request_error(400, "serviceException", "SVC0002",
                                      f"unsupported operation {operation}")
         except InsufficientFunds:
-            return request_error(400, "policyException", "POL1000", "insufficient credit")
+            return self.out_of_credit(carrier)
         except RefundRefused as exc:
             return request_error(400, "serviceException", "SVC0270", str(exc))
 

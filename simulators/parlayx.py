@@ -100,6 +100,13 @@ class ParlayXCarrier:
                     f"<text>{escape(text)}</text></ns1:{kind}></detail></soapenv:Fault>")
         return web.Response(status=500, text=envelope(body), content_type="text/xml")
 
+    def out_of_credit(self, carrier: SimCarrier) -> web.Response:
+        """Refuses for want of credit with the code this carrier's entry declares for it (its
+        own list), else the family's POL1000."""
+        code = insufficient_funds_code(self.entry(carrier), "POL1000")
+        kind = "PolicyException" if code.startswith("POL") else "ServiceException"
+        return self.fault(carrier, kind, code, "insufficient credit")
+
     @staticmethod
     def auth_failed() -> web.Response:
         """WS-Security 1.1's fault for a security header that does not authenticate."""
@@ -221,7 +228,7 @@ class ParlayXCarrier:
         if refusal is not None:
             return refusal
         if kind == "insufficient_funds":
-            return self.fault(carrier, "PolicyException", "POL1000", "insufficient credit")
+            return self.out_of_credit(carrier)
         if fault is not None and kind == "fault_code_variant":
             code = fault.code or insufficient_funds_code(self.entry(carrier), VARIANT_CODE)
             kind = "PolicyException" if code.startswith("POL") else "ServiceException"
@@ -239,7 +246,7 @@ class ParlayXCarrier:
                 return self.fault(carrier, "ServiceException", "SVC0001",
                                   f"unknown operation {operation}")
         except InsufficientFunds:
-            return self.fault(carrier, "PolicyException", "POL1000", "insufficient credit")
+            return self.out_of_credit(carrier)
         except RefundRefused as exc:
             return self.fault(carrier, "ServiceException", "SVC0270", str(exc))
         await lose_answer_after_debit(request, fault)

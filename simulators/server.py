@@ -34,12 +34,15 @@ class Family(Protocol):
 
 
 FAMILIES: dict[str, Callable[[SimulatorCore], Family]] = {
-    "oneapi": OneApiCarrier,
-    "parlayx": ParlayXCarrier,
     "camara": CamaraOperator,
     "polling-aggregator": PollingAggregator,
     "callback-aggregator": CallbackAggregator,
 }
+
+
+# the families whose carriers' own data (paths, password types, fault codes) shapes the answers
+DATA_FAMILIES: list[Callable[[SimulatorCore, Registry | None], Family]] = [
+    OneApiCarrier, ParlayXCarrier]
 
 
 def sim_carriers(registry: Registry, carrier_secrets: dict[str, str]) -> dict[str, SimCarrier]:
@@ -60,18 +63,23 @@ def smsc_tariffs(registry: Registry) -> dict[str, dict[str, Decimal]]:
             for c in registry.carriers.values() if c.protocol == "smpp"}
 
 
-def build_app(core: SimulatorCore) -> web.Application:
+def build_app(core: SimulatorCore, registry: Registry | None = None) -> web.Application:
+    """Every HTTP family's carriers; the families that read carrier data (service paths,
+    password types, fault codes) read it from ``registry`` (default: ours)."""
     app = web.Application()
     core.add_routes(app)
     for family in FAMILIES.values():
         family(core).add_routes(app)
+    for data_family in DATA_FAMILIES:
+        data_family(core, registry).add_routes(app)
     return app
 
 
 async def start_simulator(core: SimulatorCore, host: str = "127.0.0.1",
-                          port: int = 0) -> tuple[web.AppRunner, int]:
+                          port: int = 0, registry: Registry | None = None
+                          ) -> tuple[web.AppRunner, int]:
     """Starts the server in the running loop; returns the runner and the port bound."""
-    runner = web.AppRunner(build_app(core), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(core, registry), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
