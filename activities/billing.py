@@ -36,6 +36,7 @@ from activities.messages import (
 )
 from activities.settlement import CarrierTerms, settle
 from carriers.base import (
+    CREDENTIAL_CODES,
     Capability,
     CarrierAdapter,
     ChargeRequest,
@@ -64,8 +65,6 @@ from models.tables import (
 
 log = logging.getLogger(__name__)
 
-# carrier codes that mean our credentials were refused (HTTP, OAuth2/WS-Security, SMPP bind)
-CREDENTIAL_CODES = {"401", "403", "AUTH", "ESME_RINVPASWD", "ESME_RINVSYSID"}
 _FINAL = {Outcome.SUCCEEDED, Outcome.INSUFFICIENT_FUNDS, Outcome.REJECTED}
 
 

@@ -22,6 +22,11 @@ class Outcome(StrEnum):
     UNKNOWN = "unknown"
 
 
+# carrier codes that mean our credentials were refused: HTTP 401/403, a refused token or
+# WS-Security header ("AUTH"), an SMSC refusing our bind
+CREDENTIAL_CODES = frozenset({"401", "403", "AUTH", "ESME_RINVPASWD", "ESME_RINVSYSID"})
+
+
 class Capability(StrEnum):
     CHARGE = "charge"
     REFUND = "refund"

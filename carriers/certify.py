@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from carriers.base import (
+    CREDENTIAL_CODES,
     Capability,
     CarrierAdapter,
     ChargeRequest,
@@ -67,7 +68,6 @@ from settings import Settings
 
 # what an adapter's carrier_code says when the carrier refused our credentials: HTTP 401/403,
 # an OAuth2 token refused, an SMSC refusing the bind (as tests/test_conformance.py)
-CREDENTIAL_CODES = frozenset({"401", "403", "AUTH", "ESME_RINVPASWD", "ESME_RINVSYSID"})
 RAW_ANSWER_CHARS = 600
 LOOPBACK_NAMES = {"localhost"}
 

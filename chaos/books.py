@@ -25,6 +25,7 @@ import httpx
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from carriers.base import CREDENTIAL_CODES
 from models.money import from_decimal
 from models.tables import (
     CarrierInteraction,
@@ -38,7 +39,6 @@ from models.tables import (
 OPEN = ("sending", "pending")
 UNSETTLED = "unsettled"
 SMPP_PREFIX = "smpp-"
-CREDENTIAL_CODES = {"401", "403", "AUTH"}
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import simulators.camara
 import simulators.polling_aggregator
 import simulators.smsc
 from carriers.base import (
+    CREDENTIAL_CODES,
     Capability,
     CarrierAdapter,
     ChargeRequest,
@@ -65,7 +66,6 @@ _taken: set[str] = set()
 
 # what an adapter's carrier_code says when the carrier refused our credentials: HTTP 401/403,
 # an OAuth2 token refused, an SMSC refusing the bind
-CREDENTIAL_CODES = {"401", "403", "AUTH", "ESME_RINVPASWD", "ESME_RINVSYSID"}
 
 # the simulators answer at once on loopback: a short timeout keeps the lost-answer clauses quick
 TIMEOUT_SECONDS = 0.5
