@@ -9,6 +9,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -100,13 +101,22 @@ class Ctx:
     phone: str = field(default_factory=fresh_number)
     resource: str = ""
     sent_body: Any = None
+    created: list[str] = field(default_factory=list)  # payments this scenario made
+    authorization_id: str = ""
+    merchant: str = ""
+    asked_at: dict[str, str] = field(default_factory=dict)  # "NOW - 1 day" -> ISO moment
+    refunds: list[str] = field(default_factory=list)  # refunds this scenario made
 
-    def payment_body(self, **charging: Any) -> dict[str, Any]:
-        return {"amountTransaction": {
+    def payment_body(self, merchant: str = "", **charging: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"amountTransaction": {
             "phoneNumber": self.phone, "referenceCode": f"REF-{uuid.uuid4().hex[:10]}",
             "clientCorrelator": uuid.uuid4().hex,
             "paymentAmount": {"chargingInformation": {
                 "amount": 1.5, "currency": "EUR", "description": "Game Pass", **charging}}}}
+        if merchant:
+            body["amountTransaction"]["paymentAmount"]["chargingMetaData"] = {
+                "merchantIdentifier": merchant}
+        return body
 
     def call(self, operation: str, body: Any = None, path: dict[str, str] | None = None,
              headers: dict[str, str] | None = None) -> httpx.Response:
@@ -120,6 +130,8 @@ class Ctx:
         reply = self.call("preparePayment" if two_step else "createPayment", self.payment_body())
         assert reply.status_code == 201, reply.text
         payment_id = str(reply.json()["paymentId"])
+        if two_step:
+            self.authorization_id = reply.json()["validationInfo"]["authorizationId"]
         if confirm:
             auth = reply.json()["validationInfo"]["authorizationId"]
             code = httpx.get(f"{self.op.url}/_control/camara/otp",
@@ -405,3 +417,376 @@ def _schema(ctx: Ctx, ref: str) -> None:
         return
     for item in items:
         assert set(required[kind]) <= set(item), item
+
+
+# -- isolation, existing resources and operator policies -----------------------------------------
+
+@pytest.fixture(autouse=True)
+def fresh_operator(operator: Operator) -> None:
+    """Every scenario starts from an operator with no payments, default policy and no rate
+    limit, as the feature files assume ("no payments have been created", "N per second")."""
+    httpx.post(f"{operator.url}/_control/reset").raise_for_status()
+    operator.control("camara/policy", {"carrier": CARRIER, "number_prefixes": [PREFIX]})
+
+
+def policy(ctx: Ctx, **rules: Any) -> None:
+    ctx.op.control("camara/policy", {"carrier": CARRIER, **rules})
+
+
+def succeeded_payment(ctx: Ctx, amount: float = 1.5, merchant: str = "") -> str:
+    """A payment the operator has charged: prepared, validated, confirmed (succeeded at once)."""
+    body = ctx.payment_body(merchant, amount=amount)
+    reply = ctx.call("preparePayment", body)
+    assert reply.status_code == 201, reply.text
+    payment_id = str(reply.json()["paymentId"])
+    validate(ctx, payment_id, reply.json()["validationInfo"]["authorizationId"])
+    reply = ctx.call("confirmPayment", {"phoneNumber": ctx.phone}, {"paymentId": payment_id})
+    assert reply.status_code == 202, reply.text
+    ctx.created.append(payment_id)
+    return payment_id
+
+
+def validate(ctx: Ctx, payment_id: str, authorization_id: str) -> None:
+    code = httpx.get(f"{ctx.op.url}/_control/camara/otp",
+                     params={"paymentId": payment_id}).json()["code"]
+    reply = ctx.call("validatePayment", {"authorizationId": authorization_id, "code": code},
+                     {"paymentId": payment_id})
+    assert reply.status_code == 204, reply.text
+
+
+def payment_in(ctx: Ctx, status: str, merchant: str = "") -> str:
+    """A payment of ctx.phone left in the given status."""
+    if status == "succeeded":
+        return succeeded_payment(ctx, merchant=merchant)
+    two_step = status != "processing"
+    reply = ctx.call("preparePayment" if two_step else "createPayment",
+                     ctx.payment_body(merchant))
+    assert reply.status_code == 201, reply.text
+    payment_id = str(reply.json()["paymentId"])
+    ctx.created.append(payment_id)
+    if status in ("reserved", "denied"):
+        if status == "denied":
+            policy(ctx, denied=[ctx.phone])
+        validate(ctx, payment_id, reply.json()["validationInfo"]["authorizationId"])
+        if status == "denied":
+            denied = ctx.call("confirmPayment", {"phoneNumber": ctx.phone},
+                              {"paymentId": payment_id})
+            assert denied.status_code == 403, denied.text
+            policy(ctx, denied=[])
+    elif status == "cancelled":
+        cancelled = ctx.call("cancelPayment", {"phoneNumber": ctx.phone},
+                             {"paymentId": payment_id})
+        assert cancelled.status_code == 202, cancelled.text
+    return payment_id
+
+
+def backdate(ctx: Ctx, payment_id: str, days: float, refund_id: str = "") -> None:
+    ctx.op.control("camara/backdate", {"paymentId": payment_id, "days": days,
+                                       "refundId": refund_id})
+
+
+AGES = (0, 2, 5, 10, 20, 40)  # days: on both sides of every NOW - N used by the features
+
+
+@given('the path parameter "paymentId" is set to a valid refund-eligible payment value')
+def _refund_eligible(ctx: Ctx) -> None:
+    ctx.path["paymentId"] = succeeded_payment(ctx, amount=10)
+
+
+@given(parsers.re(r'(an|at least an) existing payment created by operation createPayment OR '
+                  r'preparePayment$'))
+def _existing_payment(ctx: Ctx) -> None:
+    ctx.path["paymentId"] = succeeded_payment(ctx, amount=10)
+
+
+@given(parsers.re(r'several existing payments created by operation createPayment OR '
+                  r'preparePayment(?P<variant>.*)$'))
+def _several_payments(ctx: Ctx, variant: str) -> None:
+    # processing last: it turns succeeded a moment later
+    statuses = ["pending_validation", "denied", "reserved", "succeeded", "cancelled",
+                "processing"] if "status" in variant else ["succeeded"] * len(AGES)
+    if "merchant" in variant:
+        ctx.merchant = "merchant-bdd"
+    for index, status in enumerate(statuses):
+        merchant = ("merchant-bdd" if index % 2 == 0 else "merchant-other") \
+            if "merchant" in variant else ""
+        payment_id = payment_in(ctx, status, merchant=merchant)
+        backdate(ctx, payment_id, AGES[index % len(AGES)])
+
+
+@given(parsers.re(r'no (payments|refunds) have been created by operation .*'))
+def _none_created(ctx: Ctx) -> None:
+    if "{paymentId}" in ctx.resource:
+        ctx.path["paymentId"] = succeeded_payment(ctx)
+
+
+@given(parsers.parse('the path parameter "paymentId" is set to the value for that payment'))
+def _that_payment(ctx: Ctx) -> None:
+    assert ctx.path.get("paymentId")
+
+
+@given(parsers.re(r'the header "Authorization" is set to a valid access token associated for a '
+                  r'phone number with (payments|refunds) requested'))
+def _token_for_phone(ctx: Ctx) -> None:
+    ctx.headers["Authorization"] = f"Bearer {ctx.op.token(phoneNumber=ctx.phone)}"
+
+
+@given('the header "Authorization" is set to a valid access token not emitted for a specific '
+       'phone number')
+def _token_for_app(ctx: Ctx) -> None:
+    _valid_token(ctx)
+
+
+@given(parsers.parse('the path parameter "paymentId" is set to a valid value in the environment'))
+def _path_in_env(ctx: Ctx) -> None:
+    ctx.path["paymentId"] = succeeded_payment(ctx)
+
+
+@given(parsers.parse('the path parameter "{name}" is compliant with the schema but does not '
+                     'identify a valid {what} in the environment'))
+def _path_unknown(ctx: Ctx, name: str, what: str) -> None:
+    ctx.path[name] = f"{what}-that-does-not-exist-{uuid.uuid4().hex[:8]}"
+
+
+@given(parsers.re(r'the path param "paymentId" is set to a valid value of an already '
+                  r'(?P<status>confirmed|cancelled) payment'))
+def _closed_payment(ctx: Ctx, status: str) -> None:
+    ctx.path["paymentId"] = payment_in(ctx, "succeeded" if status == "confirmed" else status)
+
+
+@given('that the environment is configured with a threshold policy of N transactions per second')
+def _rate_policy(ctx: Ctx) -> None:
+    policy(ctx, rate_limit=2)
+
+
+@given('the threshold of requests has been reached')
+def _rate_reached(ctx: Ctx) -> None:
+    for _ in range(3):
+        ctx.call("retrievePayments", path={})
+
+
+@given('that the service is not available for all phone numbers commercialized by the operator')
+def _service_partial(ctx: Ctx) -> None:
+    pass  # the operator's policy lists the numbers without the service
+
+
+@given('a valid phone number, identified by the token or provided in the request body, for which '
+       'the service is not applicable')
+def _service_not_applicable(ctx: Ctx) -> None:
+    policy(ctx, not_applicable=[ctx.phone])
+
+
+def phone_path(ctx: Ctx, name: str) -> str:
+    if name == "$.phoneNumber" and isinstance(ctx.body, dict) and "amountTransaction" in ctx.body:
+        return "$.amountTransaction.phoneNumber"
+    return name
+
+
+@given(parsers.parse('the request body property "{name}" is set to a valid phone number'))
+def _other_phone(ctx: Ctx, name: str) -> None:
+    if ctx.body is None:
+        ctx.body = default_body(ctx)
+    put(ctx.body, phone_path(ctx, name), fresh_number())
+
+
+@given(parsers.parse('the request body property "{name}" is compliant with the schema but does not '
+                     'identify a valid phone number'))
+def _foreign_phone(ctx: Ctx, name: str) -> None:
+    if ctx.body is None:
+        ctx.body = default_body(ctx)
+    put(ctx.body, phone_path(ctx, name), "+4420791234567")
+
+
+@given(parsers.parse('the request body property includes property "{name}" with a non-existing '
+                     'value in the environment'))
+def _unknown_value(ctx: Ctx, name: str) -> None:
+    payment_id = ctx.path["paymentId"]
+    real = httpx.get(f"{ctx.op.url}/_control/camara/otp", params={"paymentId": payment_id}
+                     ).json()["code"]
+    ctx.body = {"authorizationId": ctx.authorization_id, "code": real}
+    put(ctx.body, name, "999999" if real != "999999" else "000000")
+    if name == "$.authorizationId":
+        put(ctx.body, name, "no-such-authorization")
+
+
+@when(parsers.parse('the request "{operation}" is sent after "{times:d}" times'))
+def _send_repeated(ctx: Ctx, operation: str, times: int) -> None:
+    for _ in range(times - 1):
+        _send(ctx, operation)
+    _send(ctx, operation)
+
+
+@given('the request body property includes property "$.clientCorrelator" with a value already use '
+       'in a non-completed payment')
+def _correlator_in_use(ctx: Ctx) -> None:
+    earlier = ctx.payment_body()
+    assert ctx.call("preparePayment", earlier).status_code == 201
+    put(ctx.body, "$.amountTransaction.clientCorrelator",
+        earlier["amountTransaction"]["clientCorrelator"])
+
+
+@given('the request body property "$.amountTransaction.referenceCode" is set to a value already '
+       'use in another payment request')
+def _reference_in_use(ctx: Ctx) -> None:
+    earlier = ctx.payment_body()
+    del earlier["amountTransaction"]["clientCorrelator"]
+    assert ctx.call("preparePayment", earlier).status_code == 201
+    put(ctx.body, "$.amountTransaction.referenceCode",
+        earlier["amountTransaction"]["referenceCode"])
+    remove(ctx.body, "$.amountTransaction.clientCorrelator")
+
+
+@given('the request body property "$.amountTransaction.paymentAmount.chargingInformationAmount" '
+       'exceeds the value allowed by the regulation')
+def _over_regulation(ctx: Ctx) -> None:
+    policy(ctx, max_amount=50)
+    put(ctx.body, "$.amountTransaction.paymentAmount.chargingInformation.amount", 60)
+
+
+@given('the request body property "$.amountTransaction.paymentAmount.chargingInformationAmount" '
+       'exceeds the accumulated threshold amount value allowed by the regulation')
+def _over_threshold(ctx: Ctx) -> None:
+    policy(ctx, threshold_amount=20)
+    succeeded_payment(ctx, amount=15)
+    put(ctx.body, "$.amountTransaction.paymentAmount.chargingInformation.amount", 10)
+
+
+# -- query parameters and list checks ------------------------------------------------------------
+
+def moment(text: str) -> datetime:
+    """"NOW", "NOW - 7 days" as the features write them."""
+    found = re.fullmatch(r"NOW(?:\s*-\s*(\d+)\s*days?)?", text.strip())
+    assert found, text
+    return datetime.now(UTC) - timedelta(days=int(found.group(1) or 0))
+
+
+@given(parsers.parse('the query parameter "{name}" is set to "{value}"'))
+def _query(ctx: Ctx, name: str, value: str) -> None:
+    if value.startswith("NOW"):
+        ctx.asked_at[value] = moment(value).isoformat()
+        value = ctx.asked_at[value]
+    ctx.query[name] = value
+
+
+@given('the query parameter "merchantIdentifier" is set to the value representing such a merchant')
+def _query_merchant(ctx: Ctx) -> None:
+    ctx.query["merchantIdentifier"] = ctx.merchant
+
+
+def when_of(ctx: Ctx, text: str) -> datetime:
+    return datetime.fromisoformat(ctx.asked_at[text]) if text in ctx.asked_at else moment(text)
+
+
+def items(ctx: Ctx) -> list[dict[str, Any]]:
+    body = reply_of(ctx).json()
+    assert isinstance(body, list), body
+    return body
+
+
+def listed(kind: str) -> tuple[str, str]:
+    return ("paymentCreationDate", "paymentId") if kind == "payments" else (
+        "refundCreationDate", "refundId")
+
+
+def everything(ctx: Ctx, kind: str) -> list[dict[str, Any]]:
+    """All the resources of this scenario, unfiltered, as the operator lists them."""
+    path = {"paymentId": ctx.path.get("paymentId", "")}
+    reply = httpx.get(ctx.op.api("payments" if kind == "payments" else "refunds") + (
+        "/payments" if kind == "payments" else "/payments/{paymentId}/refunds".format(**path)),
+        headers=ctx.headers, params={"perPage": "100"})
+    assert reply.status_code == 200, reply.text
+    return list(reply.json())
+
+
+def created_date(item: dict[str, Any], name: str) -> datetime:
+    return datetime.fromisoformat(str(item[name]).replace("Z", "+00:00"))
+
+
+def date_rule(ctx: Ctx, rule: str, first: str, second: str) -> Any:
+    low = when_of(ctx, first)
+    if rule == "greater or equal than":
+        return lambda d: d >= low
+    if rule == "lower or equal than":
+        return lambda d: d <= low
+    high = when_of(ctx, second)
+    return lambda d: low <= d <= high
+
+
+DATES = (r'(?:all|only) the (?P<kind>payments|refunds) (?:returned )?(?:have|with) their property '
+         r'"\$(?:\[\*\])?\.(?:paymentCreationDate|refundCreationDate)" (?P<rule>greater or equal '
+         r'than|lower or equal than|between) "(?P<first>[^"]+)"(?: and "(?P<second>[^"]+)")?.*')
+
+
+@then(parsers.re(DATES))
+def _dates(ctx: Ctx, kind: str, rule: str, first: str, second: str | None) -> None:
+    name, key = listed(kind)
+    holds = date_rule(ctx, rule, first, second or first)
+    returned = items(ctx)
+    assert all(holds(created_date(i, name)) for i in returned), returned
+    expected = {i[key] for i in everything(ctx, kind) if holds(created_date(i, name))}
+    assert {i[key] for i in returned} == expected
+
+
+@then(parsers.re(r'all the (?P<kind>payments|refunds) returned are ordered by "(?P<order>asc|desc)" '
+                 r'property .*'))
+def _ordered(ctx: Ctx, kind: str, order: str) -> None:
+    name, _ = listed(kind)
+    dates = [created_date(i, name) for i in items(ctx)]
+    assert len(dates) > 1 and dates == sorted(dates, reverse=order == "desc"), dates
+
+
+@then(parsers.re(r'(?:all|only) the (?P<kind>payments|refunds) (?:returned )?(?:have|with) their '
+                 r'property "\$(?:\[\*\])?\.(?P<name>paymentStatus|refundStatus)" == '
+                 r'"(?P<status>[^"]+)".*'))
+def _statuses(ctx: Ctx, kind: str, name: str, status: str) -> None:
+    _, key = listed(kind)
+    returned = items(ctx)
+    assert returned and all(i[name] == status for i in returned), returned
+    expected = {i[key] for i in everything(ctx, kind) if i[name] == status}
+    assert {i[key] for i in returned} == expected
+
+
+@then(parsers.re(r'(?:all|only) the (?P<kind>payments|refunds) (?:returned )?(?:have|with) their '
+                 r'property "\$(?:\[\*\])?\.(?P<path>[^"]+merchantIdentifier)" set to the same '
+                 r'value as the query parameter "merchantIdentifier".*'))
+def _merchants(ctx: Ctx, kind: str, path: str) -> None:
+    # the features write chargingMetadata; the schema's property is chargingMetaData
+    path = path.replace("chargingMetadata", "chargingMetaData")
+    _, key = listed(kind)
+    returned = items(ctx)
+    wanted = ctx.query["merchantIdentifier"]
+    assert returned and all(at(i, path) == wanted for i in returned), returned
+    expected = {i[key] for i in everything(ctx, kind) if at(i, path) == wanted}
+    assert {i[key] for i in returned} == expected
+
+
+@then(parsers.parse('the response body is an empty array "[]"'))
+def _empty(ctx: Ctx) -> None:
+    assert items(ctx) == []
+
+
+@then(parsers.re(r'only the (?P<kind>payments|refunds) associated to that phone number are '
+                 r'returned'))
+def _only_phone(ctx: Ctx, kind: str) -> None:
+    returned = items(ctx)
+    assert returned
+    if kind == "payments":
+        assert all(at(i, "$.amountTransaction.phoneNumber") == ctx.phone for i in returned)
+    else:  # refunds of the payment of that number
+        assert all(i["refundId"].startswith(ctx.path["paymentId"]) for i in returned)
+
+
+@then(parsers.re(r'only the (?P<kind>payments|refunds) associated to that application are '
+                 r'returned'))
+def _only_application(ctx: Ctx, kind: str) -> None:
+    returned = items(ctx)
+    assert returned
+    if kind == "payments":
+        assert {i["paymentId"] for i in returned} == set(ctx.created)
+    else:
+        assert {i["refundId"] for i in returned} == set(ctx.refunds)
+
+
+@then(parsers.re(r'only five (payments|refunds) (are )?returned'))
+def _five(ctx: Ctx) -> None:
+    assert len(items(ctx)) == 5
