@@ -911,3 +911,9 @@ def _tax_mismatch(ctx: Ctx) -> None:  # the refund-eligible payment is net (no i
 @given(parsers.parse('the request body property includes property "$.sink" with an HTTP endpoint'))
 def _http_sink(ctx: Ctx) -> None:
     ctx.body["sink"] = "http://sink.example.com/events"
+
+
+@given('the path parameter "refundId" is set to the value for this refund')
+@given('the path parameter "paymentId" is set to the value of the payment related to this refund')
+def _this_refund(ctx: Ctx) -> None:
+    assert ctx.path.get("refundId") and ctx.path.get("paymentId")
