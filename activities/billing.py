@@ -248,7 +248,7 @@ class BillingActivities:
             adapter = self._adapters.get(spec.carrier_id)
             context = await asyncio.to_thread(self._begin, spec, subscriber_id)
             operation = context.operation
-            earlier = self._settled_answer(operation, context.ledger_entry)
+            earlier = await asyncio.to_thread(self._settled_answer, operation, context.ledger_entry)
             if earlier is not None:
                 return earlier, operation, context.original_reference
             msisdn, original = context.msisdn, context.original_reference
