@@ -12,6 +12,11 @@ A receipt is acknowledged (deliver_sm_resp) only once its result is in the submi
 worker that dies before that leaves it unacknowledged, and the SMSC delivers it again on the
 next bind. When no receipt comes, the status look-up asks the SMSC with ``query_sm`` (which
 aiosmpplib lacks: the PDUs are defined here and travel on the library's session).
+
+A deliver_sm that is not a receipt is a subscriber's text to a short code (mobile-originated):
+decoded by its data_coding and handed to the ``on_mobile_originated`` sink, and acknowledged
+only once the sink took it (stored it durably); otherwise it is left for redelivery too.
+Notices (``send_sms``) carry the free-to-end-user service_type so the SMSC never bills them.
 """
 
 from __future__ import annotations
@@ -67,6 +72,10 @@ library_log = logging.getLogger("carriers.smpp.aiosmpplib")
 RECEIPTED_MESSAGE_ID = 0x001E
 USER_MESSAGE_REFERENCE = 0x0204
 MESSAGE_STATE = 0x0427
+# vendor-specific TLV in which the SMSC names a mobile-originated message (same on redelivery)
+MO_MESSAGE_ID = 0x1501
+# service_type of a free-to-end-user message: a notice, never billed whatever its source
+FREE_SERVICE_TYPE = "FREE"
 # SMPP 3.4 message_state values (0 is SMPP 5's SCHEDULED)
 _STATE_NAMES = {0: "SCHEDLD", 1: "ENROUTE", 2: "DELIVRD", 3: "EXPIRED", 4: "DELETED",
                 5: "UNDELIV", 6: "ACCEPTD", 7: "UNKNOWN", 8: "REJECTD"}
@@ -81,6 +90,22 @@ _RELAY_RETRY_SECONDS = 1.0
 
 ReceiptSink = Callable[[CarrierReport, InteractionRecord], Awaitable[Any]]
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MobileOriginated:
+    """A subscriber's text to one of a carrier's short codes. ``message_id`` is the SMSC's id
+    of it when the SMSC gives one (the same on every redelivery), else None."""
+
+    carrier_id: str
+    msisdn: str  # E.164 with '+'
+    short_code: str
+    text: str
+    message_id: str | None
+
+
+# takes a mobile-originated message for good (stores it) or raises; acknowledged only after
+MobileOriginatedSink = Callable[[MobileOriginated], Awaitable[Any]]
 
 
 # -- query_sm (SMPP 3.4 sections 4.8.1 and 4.8.2) ---------------------------------------------------
@@ -200,7 +225,8 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
 
     def __init__(self, carrier: CarrierConfig, endpoint: str, password: str,
                  store: SubmissionStore, on_receipt: ReceiptSink, sink: InteractionSink,
-                 locale: str, timeout_seconds: float | None = None) -> None:
+                 locale: str, timeout_seconds: float | None = None,
+                 on_mobile_originated: MobileOriginatedSink | None = None) -> None:
         assert carrier.smpp is not None
         self.carrier_id = carrier.id
         self._config = carrier.smpp
@@ -211,6 +237,7 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
         self._tariffs = {p.short_code: p for p in carrier.price_points}
         self._store = store
         self._on_receipt = on_receipt
+        self._on_mobile_originated = on_mobile_originated
         self._sink = sink
         self._locale = locale
         self._secret = password
@@ -227,6 +254,10 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
                           client_id=f"cb-{carrier.id}", log_level=logging.WARNING,
                           log_handler=_RedactingHandler(), log_metadata={"carrier": carrier.id})
         self._task: asyncio.Task[None] | None = None
+
+    def set_mobile_originated_sink(self, sink: MobileOriginatedSink | None) -> None:
+        """Where subscribers' texts go (set once, before the session starts)."""
+        self._on_mobile_originated = sink
 
     # -- session --------------------------------------------------------------------------------
 
@@ -306,6 +337,8 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
                 self._answered(key, smpp_message)
             elif isinstance(smpp_message, DeliverSm) and smpp_message.is_receipt():
                 await self._receipt(smpp_message)
+            elif isinstance(smpp_message, DeliverSm):
+                await self._mobile_originated(smpp_message)
         except ConnectionError:
             raise
         except Exception as exc:
@@ -400,9 +433,39 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
             await asyncio.sleep(_RELAY_RETRY_SECONDS)  # the redelivery comes no faster
             raise ReceiptNotStored("receipt not relayed") from None
 
+    # -- mobile-originated ----------------------------------------------------------------------
+
+    async def _mobile_originated(self, deliver: DeliverSm) -> None:
+        """Hands a subscriber's text to the sink; raising leaves it unacknowledged."""
+        started = time.perf_counter()
+        tlvs = {p.tag: p.value for p in deliver.optional_params or []}
+        message_id = str(tlvs.get(MO_MESSAGE_ID) or "") or None
+        # aiosmpplib decoded it by data_coding (0: GSM 03.38, 8: UCS-2); long texts reassembled
+        mo = MobileOriginated(carrier_id=self.carrier_id,
+                              msisdn="+" + deliver.source.number.lstrip("+"),
+                              short_code=deliver.destination.number,
+                              text=deliver.short_message or deliver.message_payload or "",
+                              message_id=message_id)
+        # the text may carry a PIN: only its length is recorded
+        summary = (f"deliver_sm mo id={message_id} to={mo.short_code} from={mo.msisdn} "
+                   f"coding={deliver.encoding or 'default'} chars={len(mo.text)}")
+        sink = self._on_mobile_originated
+        if sink is None:
+            # acknowledged anyway: holding it would hold the receipts behind it on this session
+            log.error("mobile-originated message on %s dropped: no handler configured",
+                      self.carrier_id)
+            with contextlib.suppress(Exception):
+                await self._sink(self._record("mo", "", summary, "", "dropped", started))
+            return
+        await self._durably(lambda: sink(mo), "mobile-originated message")
+        with contextlib.suppress(Exception):
+            await self._sink(self._record("mo", message_id or "", summary, "", "accepted",
+                                          started))
+
     def _record(self, operation: str, key: str, request: str, response: str, outcome: str,
                 started: float, error: str | None = None) -> InteractionRecord:
-        method = {"receipt": "deliver_sm", "status": "query_sm"}.get(operation, "submit_sm")
+        method = {"receipt": "deliver_sm", "mo": "deliver_sm",
+                  "status": "query_sm"}.get(operation, "submit_sm")
         return InteractionRecord(
             carrier_id=self.carrier_id, operation=operation, idempotency_key=key,
             method=method, url=f"smpp://{self._host}:{self._port}",
@@ -441,6 +504,8 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
         params = [OptionalParam(USER_MESSAGE_REFERENCE, reference)] if reference is not None else []
         submit = SubmitSm(short_message=text, source=PhoneNumber(source),
                           destination=PhoneNumber(msisdn.lstrip("+")),
+                          # a charge is the premium message itself; anything else is free
+                          service_type="" if registered else FREE_SERVICE_TYPE,
                           registered_delivery=1 if registered else 0,
                           encoding="gsm0338" if encoding.encoding == "GSM-7" else "ucs2",
                           optional_params=params, log_id=key, extra_data=operation)
@@ -562,7 +627,7 @@ class SmppAdapter(CarrierAdapter, AbstractHook):
         return LookupResult.of(self._outcome(row))
 
     async def send_sms(self, key: str, msisdn: str, text: str, source: str) -> OperationResult:
-        """A free notice (no receipt asked)."""
+        """A free-to-end-user notice (no receipt asked, never billed)."""
         result, _, _ = await self._submit("send_sms", key, msisdn, source, text, None,
                                           registered=False)
         return OperationResult(outcome=Outcome.SUCCEEDED) if result.outcome is Outcome.PENDING \

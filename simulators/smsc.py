@@ -6,6 +6,12 @@ in that carrier's own receipt wording, on whatever session is bound at the time,
 Like a real SMSC it keeps a receipt until the ESME acknowledges it with deliver_sm_resp: one
 sent on a session that drops before the answer (or answered with an error) is delivered again,
 on the next session the carrier binds.
+
+Mobile-originated messages (a subscriber texting a short code) arrive by ``POST /_control/mo``
+and go to the carrier's ESME as a plain ``deliver_sm`` (esm_class 0), kept and redelivered like
+receipts. A ``submit_sm`` whose service_type is ``FREE`` is a free-to-end-user notice: never
+debited, whatever its source address. ``GET /_control/sms`` lists the MO messages and the
+notices: what the subscriber's phone sent and received outside charges.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from aiohttp import web
 from aiosmpplib import PhoneNumber, SmppCommandStatus
 from aiosmpplib.protocol import (
     MESSAGE_TYPE_MAP,
@@ -37,6 +44,7 @@ from aiosmpplib.protocol import (
 )
 from aiosmpplib.state import OptionalParam, SmppCommand
 
+from carriers.sms_text import sms_encoding
 from simulators.books import InsufficientFunds
 from simulators.core import SimCarrier, SimulatorCore
 
@@ -48,6 +56,11 @@ RECEIPTED_MESSAGE_ID, USER_MESSAGE_REFERENCE, MESSAGE_STATE = 0x001E, 0x0204, 0x
 STATE_CODES = {"DELIVRD": 2, "EXPIRED": 3, "UNDELIV": 5, "REJECTD": 8}
 ENROUTE = 1
 INSUFFICIENT_FUNDS_ERROR = "088"
+# free-to-end-user: the service_type that marks a submit_sm as a notice nobody pays for
+FREE_SERVICE_TYPE = "FREE"
+# vendor-specific TLV carrying this SMSC's id of a mobile-originated message (as many SMSCs do),
+# the same on every redelivery of it
+MO_MESSAGE_ID = 0x1501
 
 
 @dataclass
@@ -117,14 +130,34 @@ class Smsc:
         # message id -> what query_sm answers; message ids of this run start with the epoch
         self.messages: dict[str, Message] = {}
         self.epoch = pysecrets.token_hex(4)
+        # what subscribers' phones sent (mo) and received outside charges (notice), in order
+        self.sms_log: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self._control: web.AppRunner | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._server = await asyncio.start_server(self._serve, host, port)
         return int(self._server.sockets[0].getsockname()[1])
 
+    def add_routes(self, app: web.Application) -> None:
+        """The SMSC's control endpoints, on an HTTP simulator app (or its own, below)."""
+        app.router.add_post("/_control/mo", self.post_mo)
+        app.router.add_get("/_control/sms", self.get_sms)
+
+    async def start_control(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serves the control endpoints on their own port; returns it."""
+        app = web.Application()
+        self.add_routes(app)
+        self._control = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._control.setup()
+        await web.TCPSite(self._control, host, port).start()
+        return int(self._control.addresses[0][1])
+
     async def stop(self) -> None:
+        if self._control is not None:
+            await self._control.cleanup()
+            self._control = None
         if self._server is not None:
             self._server.close()
             for session in list(self.sessions.values()):
@@ -280,14 +313,19 @@ class Smsc:
             return
         if kind == "latency" and fault:
             await asyncio.sleep(fault.delay)
-        price = self.tariffs.get(carrier.carrier_id, {}).get(submit.source.number)
-        if submit.registered_delivery and price is None:
+        notice = submit.service_type == FREE_SERVICE_TYPE
+        price = None if notice else self.tariffs.get(carrier.carrier_id, {}).get(
+            submit.source.number)
+        if submit.registered_delivery and price is None and not notice:
             answer.command_status = SmppCommandStatus.ESME_RINVSRCADR  # not a premium short code
             await session.send(answer)
             return
         message_id = self.epoch + pysecrets.token_hex(6)
         answer.message_id = message_id
         stat, err = "DELIVRD", "000"
+        if price is None:  # a notice: free-marked, or from no premium short code
+            self._log("notice", carrier.carrier_id, msisdn, submit.source.number,
+                      submit.short_message or submit.message_payload, message_id)
         if price is not None:
             try:
                 if kind == "insufficient_funds":
@@ -336,3 +374,46 @@ class Smsc:
             source=PhoneNumber(msisdn.lstrip("+")), destination=submit.source,
             esm_class=0b00000100, registered_delivery=0, optional_params=params)
         await self._deliver(carrier.carrier_id, receipt)
+
+    # -- mobile-originated messages and the phone's view --------------------------------------------
+
+    def _log(self, direction: str, carrier_id: str, msisdn: str, short_code: str, text: str,
+             message_id: str) -> None:
+        self.sms_log.append({"direction": direction, "carrier_id": carrier_id, "msisdn": msisdn,
+                             "short_code": short_code, "text": text, "message_id": message_id,
+                             "at": datetime.now(UTC).isoformat()})
+
+    def mobile_originated(self, carrier_id: str, msisdn: str, short_code: str, text: str,
+                          copies: int = 1) -> str:
+        """A subscriber's text to a short code, as a deliver_sm to the carrier's ESME (kept
+        until one is bound and acknowledges it). ``copies`` > 1 delivers the same message
+        again, as an SMSC does when it did not see the acknowledgement."""
+        carrier = self.core.carriers.get(carrier_id)
+        if carrier is None or carrier.protocol != PROTOCOL:
+            raise KeyError(carrier_id)
+        message_id = self.epoch + "mo" + pysecrets.token_hex(6)
+        self._log("mo", carrier_id, msisdn, short_code, text, message_id)
+        for _ in range(copies):
+            deliver = DeliverSm(
+                short_message=text, source=PhoneNumber(msisdn.lstrip("+")),
+                destination=PhoneNumber(short_code), esm_class=0, registered_delivery=0,
+                encoding="gsm0338" if sms_encoding(text).encoding == "GSM-7" else "ucs2",
+                optional_params=[OptionalParam(MO_MESSAGE_ID, message_id)])
+            self._later(self._deliver(carrier_id, deliver))
+        return message_id
+
+    async def post_mo(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            message_id = self.mobile_originated(
+                str(body["carrier_id"]), "+" + str(body["msisdn"]).lstrip("+"),
+                str(body["short_code"]), str(body["text"]), int(body.get("copies", 1)))
+        except KeyError as exc:
+            return web.json_response({"error": f"unknown or missing {exc}"}, status=400)
+        return web.json_response({"message_id": message_id})
+
+    async def get_sms(self, request: web.Request) -> web.Response:
+        """The log, optionally for one carrier and/or number (?carrier=&msisdn=)."""
+        carrier, msisdn = request.query.get("carrier"), request.query.get("msisdn")
+        return web.json_response([e for e in self.sms_log if carrier in (None, e["carrier_id"])
+                                  and msisdn in (None, e["msisdn"])])
