@@ -1,41 +1,34 @@
-"""Writes the reference data (countries, carriers, products, price points) from the registry."""
+"""Writes the reference data (countries, carriers, products, price points) from the registry,
+and the catalogue's variants generated from ``models/catalog.toml``."""
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from carriers.loader import Registry
+from catalogue.config import CATALOG_FILE, Catalog, load_catalog
+from catalogue.generate import generate_variants
 from models.tables import Carrier, Country, PricePoint, Product, ProductVariant
 
-CATALOG_FILE = Path(__file__).resolve().parent / "catalog.toml"
+__all__ = ["CATALOG_FILE", "Catalog", "load_catalog", "seed_reference_data"]
 
 
-class VariantConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    name: str
-    sku: str
-
-
-class ProductConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    name: str
-    variants: list[VariantConfig]
-
-
-class Catalog(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    products: list[ProductConfig]
-
-
-def load_catalog(path: Path = CATALOG_FILE) -> Catalog:
-    return Catalog.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))
+def _seed_variants(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Thousands of rows: inserted and updated in bulk, and only those that differ, so seeding
+    at every start stays fast and a second run writes nothing. Variants no longer generated
+    stay (deliveries refer to them)."""
+    table = sa.inspect(ProductVariant).local_table
+    existing = {row["id"]: dict(row) for row in session.execute(sa.select(table)).mappings()}
+    new = [r for r in rows if r["id"] not in existing]
+    changed = [r for r in rows if r["id"] in existing and existing[r["id"]] != r]
+    if changed:
+        session.execute(sa.update(ProductVariant), changed)
+    if new:
+        session.execute(sa.insert(ProductVariant), new)
 
 
 def seed_reference_data(engine: Engine, registry: Registry, catalog: Catalog | None = None) -> None:
@@ -55,12 +48,6 @@ def seed_reference_data(engine: Engine, registry: Registry, catalog: Catalog | N
             )
         for product in catalog.products:
             session.merge(Product(id=product.id, name=product.name))
-            for variant in product.variants:
-                session.merge(
-                    ProductVariant(
-                        id=variant.id, product_id=product.id, name=variant.name, sku=variant.sku
-                    )
-                )
         session.flush()
         for carrier in registry.carriers.values():
             currency = registry.currency_of(carrier.id)
@@ -94,4 +81,7 @@ def seed_reference_data(engine: Engine, registry: Registry, catalog: Catalog | N
                         retry_schedule_seconds=",".join(str(d) for d in price.retry_schedule_seconds),
                     )
                 )
+        # variants refer to countries and price points: written after them
+        session.flush()
+        _seed_variants(session, generate_variants(catalog, registry))
         session.commit()

@@ -80,10 +80,27 @@ class Product(SQLModel, table=True):
 
 
 class ProductVariant(SQLModel, table=True):
+    """One deliverable form of a product: an edition of its content for a country, a locale and
+    a price point. A missing country, locale or price point means "any": the catalogue's
+    fallbacks (``catalogue.select_variant``) pick among them."""
+
+    __table_args__ = (
+        sa.Index("ix_productvariant_selection", "product_id", "edition", "country_code"),
+    )
+
     id: str = Field(primary_key=True)
     product_id: str = Field(foreign_key="product.id", index=True)
     name: str
+    # what the game backend is asked to grant: unique across the catalogue
     sku: str = Field(unique=True)
+    edition: str = Field(max_length=32)
+    country_code: str | None = Field(default=None, foreign_key="country.code", max_length=2)
+    locale: str | None = Field(default=None, max_length=16)
+    price_point_id: str | None = Field(default=None, foreign_key="pricepoint.id")
+    # units granted (gems); None: access for a time (the period paid for)
+    quantity: int | None = None
+    # the product's last resort: its default edition, for any country, locale and price point
+    is_default: bool = False
 
 
 class PricePoint(SQLModel, table=True):
