@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 from rules.localtime import local_date, require_aware
 from rules.types import NEXT_WINDOW, ChargingRules
-from rules.windows import first_allowed_from, next_opening, opening_on
+from rules.windows import next_allowed, next_opening, opening_on
 
 
 def next_retry(at: datetime, retries_so_far_in_cycle: int, retries_today: int,
@@ -25,7 +25,9 @@ def next_retry(at: datetime, retries_so_far_in_cycle: int, retries_today: int,
     if delay == NEXT_WINDOW:
         moment = next_opening(at, rules)
     else:
-        moment = first_allowed_from(at + timedelta(seconds=delay), rules)
+        candidate = at + timedelta(seconds=delay)
+        postponed = next_allowed(candidate, rules)
+        moment = postponed.until if postponed else candidate
     tz = ZoneInfo(rules.timezone)
     today = local_date(at, tz)
     if retries_today >= rules.max_retries_per_day and local_date(moment, tz) == today:
