@@ -4,7 +4,8 @@ the subscriber's local time. Pure: no clock, no I/O, zoneinfo only.
 Choice: a charge that falls outside the window (quiet hours) moves to the carrier's preferred
 local time of the next day that allows charging, when the carrier has one, because that is
 when its charges succeed best; otherwise to the window's opening. A charge inside the window
-but in maintenance moves only to the end of the maintenance (the first allowed moment)."""
+but in maintenance moves only to the end of the maintenance (the first allowed moment), unless
+the maintenance lasts until the window closes."""
 
 from __future__ import annotations
 
@@ -88,6 +89,9 @@ def next_allowed(at: datetime, rules: ChargingRules) -> Postponement | None:
         until = first_allowed_from(at, rules)
         if until == at:
             return None
+        if local_date(until, tz) != local_date(at, tz):
+            # maintenance runs to the close: like quiet hours, the next day's preferred time
+            until = next_opening(at, rules)
         why = "carrier maintenance"
     else:
         until = next_opening(at, rules)
