@@ -56,3 +56,23 @@ def charge_notice(locale: str, product: str, amount_minor: int, currency: str,
                   short_code: str) -> str:
     return render("charge_notice", locale, product=product, short_code=short_code,
                   price=f"{format_major(amount_minor, currency)} {currency}")
+
+
+# the notices and keyword answers, each a table of carriers/sms_templates.toml
+NOTICE_KINDS = ("welcome", "receipt", "renewal_reminder", "monthly_reminder", "opt_in_pin",
+                "help", "stop_confirmation", "refused", "already_subscribed")
+
+
+class UnknownNotice(KeyError):
+    """A notice kind with no template, or a value its template needs that was not given."""
+
+
+def notice_text(kind: str, locale: str, **values: str) -> str:
+    """A notice in the locale's language (English when it has none); every value it names
+    must be given, so a notice never leaves with a hole in it."""
+    if kind not in NOTICE_KINDS:
+        raise UnknownNotice(f"no notice kind {kind!r}")
+    try:
+        return render(kind, locale, **values)
+    except KeyError as exc:
+        raise UnknownNotice(f"notice {kind!r} needs the value {exc}") from None
