@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 
 import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, Session, SQLModel, select
 
 from models.tables import utcnow
 
@@ -49,3 +49,44 @@ class Delivery(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
     updated_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+
+
+class DeliveryConflict(RuntimeError):
+    """A grant id reused for another delivery: our mistake, never the subscriber's."""
+
+
+def find(session: Session, grant_id: str) -> Delivery | None:
+    return session.exec(select(Delivery).where(Delivery.grant_id == grant_id)).first()
+
+
+def transition(session: Session, grant_id: str, to: DeliveryState,
+               allowed_from: tuple[DeliveryState, ...], **facts: object) -> Delivery:
+    """Moves the row to ``to`` only from ``allowed_from`` (in one locked read-modify-write);
+    returns the row as it stands either way, so a concurrent attempt's outcome is seen."""
+    row = session.exec(select(Delivery).where(Delivery.grant_id == grant_id)
+                       .with_for_update()).first()
+    if row is None:
+        raise DeliveryConflict(f"no delivery recorded for grant {grant_id}")
+    if row.state in allowed_from:
+        row.state = to
+        for name, value in facts.items():
+            setattr(row, name, value)
+        row.updated_at = utcnow()
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+    return row
+
+
+def count_send(session: Session, grant_id: str) -> bool:
+    """Notes, before it leaves, that a grant request is sent; False if the row left ``sending``
+    meanwhile (a concurrent attempt concluded it, or it was revoked): then nothing is sent."""
+    row = session.exec(select(Delivery).where(Delivery.grant_id == grant_id)
+                       .with_for_update()).first()
+    if row is None or row.state != DeliveryState.SENDING:
+        return False
+    row.sends += 1
+    row.updated_at = utcnow()
+    session.add(row)
+    session.commit()
+    return True
