@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from models.tables import CarrierOperation, LedgerEntry, LedgerKind, Subscription
@@ -29,7 +30,8 @@ def _next_month(day: date) -> date:
 
 def spend_so_far(session: Session, subscriber_id: int, subscription_id: int, at: datetime,
                  timezone: str) -> SpendSoFar:
-    """Net charges (refunds lower them, by when they were committed) in the local day, week
+    """Net charges (a refund lowers the period of the charge it reverses, or its own when it
+    names none) in the local day, week
     (from Monday) and month holding ``at``, across the subscriber's subscriptions and for
     ``subscription_id`` alone; and the charge operations sent since local midnight."""
     require_aware(at)
@@ -41,13 +43,18 @@ def spend_so_far(session: Session, subscriber_id: int, subscription_id: int, at:
     month = (wall_to_utc(_month_start(today), 0, tz), wall_to_utc(_next_month(today), 0, tz))
     earliest, latest = min(week[0], month[0]), max(week[1], month[1])
 
+    # a refund counts when the charge it reverses was made: refunding December's charge in
+    # January must not make room under January's cap
+    reversed_charge = aliased(LedgerEntry)
+    counted_at = func.coalesce(col(reversed_charge.committed_at), col(LedgerEntry.committed_at))
     rows = session.exec(
-        select(LedgerEntry.kind, LedgerEntry.amount_minor, LedgerEntry.committed_at,
+        select(LedgerEntry.kind, LedgerEntry.amount_minor, counted_at,
                LedgerEntry.subscription_id)
         .join(Subscription, col(Subscription.id) == col(LedgerEntry.subscription_id))
-        .where(Subscription.subscriber_id == subscriber_id,
-               col(LedgerEntry.committed_at) >= earliest,
-               col(LedgerEntry.committed_at) < latest)
+        .outerjoin(reversed_charge,
+                   col(reversed_charge.id) == col(LedgerEntry.refunds_entry_id))
+        .where(Subscription.subscriber_id == subscriber_id, counted_at >= earliest,
+               counted_at < latest)
     ).all()
     totals = {"day": 0, "week": 0, "month": 0, "subscription": 0}
     for kind, amount, committed, sub_id in rows:
@@ -68,7 +75,7 @@ def spend_so_far(session: Session, subscriber_id: int, subscription_id: int, at:
                col(CarrierOperation.created_at) >= day[0],
                col(CarrierOperation.created_at) < day[1])
     ).one()
-    # a refund of an earlier period's charge must not make this period's spend negative
+    # never below zero, whatever the ledger holds
     return SpendSoFar(day_minor=max(totals["day"], 0), week_minor=max(totals["week"], 0),
                       month_minor=max(totals["month"], 0),
                       subscription_month_minor=max(totals["subscription"], 0),
