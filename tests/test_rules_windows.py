@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -153,3 +153,17 @@ def test_local_charge_time_moves_a_due_time_to_the_preferred_hour_of_its_local_d
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         next_allowed(datetime(2026, 1, 1, 12, 0), rules_in(PARIS))
+
+
+def test_every_shipped_carrier_postpones_into_an_allowed_moment() -> None:
+    from rules.resolve import shipped_rules
+
+    data = shipped_rules()
+    start = utc(2026, 10, 23, 0, 0)  # across the European fall-back weekend
+    for carrier_id, code in data.registry.carrier_country.items():
+        rules = resolve_rules(code, carrier_id, "game-pass", 100, "monthly")
+        for step in range(0, 4 * 24 * 60, 50):
+            at = start + timedelta(minutes=step)
+            answer = next_allowed(at, rules)
+            if answer is not None:
+                assert answer.until > at and next_allowed(answer.until, rules) is None, carrier_id
