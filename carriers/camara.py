@@ -93,6 +93,11 @@ def _error(reply: HttpReply, body: Any) -> OperationResult:
     if code == "CARRIER_BILLING.PAYMENT_CANCELLED":
         # a cancelled payment is never charged: confirming or cancelling it again moves nothing
         return OperationResult(outcome=Outcome.REJECTED, carrier_code=code, message=message)
+    if code in ("CARRIER_BILLING_REFUND.REFUND_DENIED",
+                "CARRIER_BILLING_REFUND.PAYMENT_NOT_ELIGIBLE_FOR_REFUND"):
+        # the spec's 403s of a refund the operator's rules refuse: nothing was credited, and
+        # asking again gets the same answer (not a credential problem to retry)
+        return OperationResult(outcome=Outcome.REJECTED, carrier_code=code, message=message)
     refused = refusal(reply)
     if refused is not None:
         return refused

@@ -124,9 +124,16 @@ class Policy:
     number_prefixes: list[str] = field(default_factory=list)  # empty: every number is ours
     denied: set[str] = field(default_factory=set)  # numbers business rules refuse (403)
     not_applicable: set[str] = field(default_factory=set)  # numbers without the service
+    # numbers whose one-step payments and refunds stay "processing": the billing back end has
+    # not answered yet, nothing has moved (the spec's asynchronous operator)
+    pending: set[str] = field(default_factory=set)
+    refund_denied: set[str] = field(default_factory=set)  # refunds refused by business (403)
+    refund_failing: set[str] = field(default_factory=set)  # refunds accepted, then denied
+    not_refundable: set[str] = field(default_factory=set)  # payments not eligible (403)
     max_amount: Decimal | None = None
     threshold_amount: Decimal | None = None
     max_refund_amount: Decimal | None = None
+    refund_threshold_amount: Decimal | None = None  # refunds a number may accumulate
     rate_limit: int | None = None  # requests per second
     seen: deque[float] = field(default_factory=deque)
 
@@ -251,6 +258,9 @@ class CamaraOperator:
         if carrier.deduplicates_by_key == "error":
             if not used[1] and payment.book_reference is None and payment.current_status() in LIVE:
                 raise bad("clientCorrelator already in use by a payment not completed")
+            if used[1] and any(r["refundId"] == used[1] and r["refundStatus"] == "processing"
+                               for r in payment.refunds):
+                raise bad("clientCorrelator already in use by a refund not completed")
             raise Problem(409, "ALREADY_EXISTS", "clientCorrelator already used")
         if used[1]:
             refund = next((r for r in payment.refunds if r["refundId"] == used[1]), None)
@@ -588,6 +598,13 @@ class CamaraOperator:
             self.payments[payment.payment_id] = payment
             return web.json_response(payment.view() | {"validationInfo": {
                 "action": "validate", "authorizationId": payment.authorization_id}}, status=201)
+        if msisdn in self.policy(carrier.carrier_id).pending:
+            # the billing back end has not answered: processing, nothing debited, no event yet
+            with self.core.atomic():
+                self._use(carrier, key, payment.payment_id, "", visible_at)
+                self._save(payment)
+            self.payments[payment.payment_id] = payment
+            return web.json_response(payment.view(), status=201)
         with self.core.atomic():  # the key, the debit and the payment: one commit
             self._use(carrier, key, payment.payment_id, "", visible_at)
             self._settle(carrier, payment, body, fault)
@@ -644,6 +661,10 @@ class CamaraOperator:
             if not isinstance(body.get(name), str):
                 raise bad(f"{name} is required")
         payment = self._payment(request, call)
+        if payment.validation_attempts >= MAX_VALIDATION_ATTEMPTS:
+            # the attempts are used up (the payment is denied): later attempts hear the same
+            raise bad("the maximum number of attempts have been consumed for this validation",
+                      "CARRIER_BILLING.VALIDATION_FAILED")
         if payment.current_status() != "pending_validation":
             raise self._not_open(payment)
         if body["authorizationId"] != payment.authorization_id:
@@ -663,13 +684,15 @@ class CamaraOperator:
     async def _prepared(self, request: web.Request, call: Call) -> Payment:
         """The payment a confirm or cancel names, with the phone number checks of both."""
         body = await self._body(request)
+        if "phoneNumber" in body and body["phoneNumber"] is None:
+            raise bad("phoneNumber does not comply with the schema")
         msisdn = self._subscriber(call, body.get("phoneNumber"))
+        if msisdn is None:  # 2-legged token and no number: the spec's C02.04 (and its 422 list)
+            raise Problem(422, "MISSING_IDENTIFIER", "the phone number cannot be identified: "
+                          "the access token does not identify one and the body names none")
         payment = self._payment(request, call)
-        if msisdn is not None and msisdn != payment.msisdn:
+        if msisdn != payment.msisdn:
             raise Problem(404, "NOT_FOUND", "no such payment for this phone number")
-        if payment.current_status() == "pending_validation" and call.grant.phone is None \
-                and msisdn is None and "phoneNumber" in body:
-            raise bad("phoneNumber is invalid")
         return payment
 
     async def confirm(self, request: web.Request, call: Call) -> web.StreamResponse:
@@ -787,6 +810,7 @@ class CamaraOperator:
             return transaction, remaining, key
         info = transaction["refundAmount"].get("chargingInformation")
         amount = self._charging(call.carrier, info, "refundAmount")
+        self._check_refund_details(call.carrier, transaction["refundAmount"], payment)
         if bool(info.get("isTaxIncluded", False)) != bool(_dig(
                 payment.transaction, "paymentAmount", "chargingInformation", "isTaxIncluded")
                 or False):
@@ -799,6 +823,55 @@ class CamaraOperator:
                           "the refund exceeds what is left of the payment")
         return transaction, amount, key
 
+    def _check_refund_details(self, carrier: SimCarrier, refund_amount: dict[str, Any],
+                              payment: Payment) -> None:
+        """refundDetails: schema-valid items (400), each naming an item of the payment's
+        paymentDetails in its currency, for no more than that item (422 otherwise)."""
+        details = refund_amount.get("refundDetails")
+        if details is None:
+            return
+        if not isinstance(details, list) or not details or not all(
+                isinstance(d, dict) and isinstance(d.get("paymentItemId"), str)
+                and isinstance(d.get("description"), str) for d in details):
+            raise bad("refundDetails does not comply with the schema")
+        items = {str(i.get("id")): i for i in _dig(
+            payment.transaction, "paymentAmount", "paymentDetails") or [] if isinstance(i, dict)}
+        for detail in details:
+            amount = _number(detail.get("amount"), "refundDetails amount", Decimal("0.001"))
+            currency = detail.get("currency")
+            if not isinstance(currency, str) or not CURRENCY.fullmatch(currency):
+                raise bad("refundDetails currency must be an ISO 4217 code")
+            item = items.get(detail["paymentItemId"])
+            if item is None or currency != item.get("currency") or amount > Decimal(
+                    str(item.get("amount", 0))):
+                raise Problem(422, "CARRIER_BILLING_REFUND.REFUND_DETAILS_MISMATCH",
+                              "refundDetails do not match the payment's paymentDetails")
+
+    def _refund_rules(self, carrier: SimCarrier, payment: Payment, amount: Decimal) -> None:
+        """The operator's business rules and regulation for refunds (set by policy)."""
+        policy = self.policy(carrier.carrier_id)
+        if payment.msisdn in policy.not_refundable:
+            raise Problem(403, "CARRIER_BILLING_REFUND.PAYMENT_NOT_ELIGIBLE_FOR_REFUND",
+                          "the payment's conditions do not allow a refund")
+        if payment.msisdn in policy.refund_denied:
+            raise Problem(403, "CARRIER_BILLING_REFUND.REFUND_DENIED", "refund denied by "
+                          "business rules")
+        if policy.refund_threshold_amount is not None:
+            refunded = sum((p.refunded() for p in self.payments.values()
+                            if p.carrier_id == carrier.carrier_id and p.msisdn == payment.msisdn),
+                           Decimal(0))
+            if refunded + amount > policy.refund_threshold_amount:
+                raise Problem(422, "CARRIER_BILLING_REFUND.USER_AMOUNT_THRESHOLD_OVERPASSED",
+                              "the refunds of this phone number would overpass the accumulated "
+                              "threshold")
+
+    def _reference_in_use(self, carrier: SimCarrier, reference: str) -> bool:
+        """Whether a refund (not denied) of this carrier already has this referenceCode."""
+        return any(r["amountTransaction"].get("referenceCode") == reference
+                   and r["refundStatus"] != "denied"
+                   for p in self.payments.values() if p.carrier_id == carrier.carrier_id
+                   for r in p.refunds)
+
     async def create_refund(self, request: web.Request, call: Call) -> web.StreamResponse:
         carrier = call.carrier
         body = await self._body(request)
@@ -808,12 +881,16 @@ class CamaraOperator:
             duplicate = self._duplicate(carrier, key)
             if duplicate is not None:
                 return duplicate
+        # without a clientCorrelator, the referenceCode of a live refund is what tells a repeat
+        if key is None and self._reference_in_use(carrier, transaction["referenceCode"]):
+            raise Problem(409, "ALREADY_EXISTS", "a refund with this referenceCode exists")
         if payment.current_status() != "succeeded":
             raise Problem(422, "CARRIER_BILLING_REFUND.INVALID_PAYMENT_STATUS",
                           f"payment is {payment.current_status()}")
-        if amount <= 0:
-            raise Problem(422, "CARRIER_BILLING_REFUND.PAYMENT_NOT_ELIGIBLE_FOR_REFUND",
+        if amount <= 0:  # the spec lists PAYMENT_NOT_ELIGIBLE_FOR_REFUND among its 403s
+            raise Problem(403, "CARRIER_BILLING_REFUND.PAYMENT_NOT_ELIGIBLE_FOR_REFUND",
                           "the payment is refunded already")
+        self._refund_rules(carrier, payment, amount)
         fault = self.core.take_fault(carrier.carrier_id, payment.msisdn)
         refusal = await self._refuse(fault, "{refund")
         if refusal is not None:
@@ -826,10 +903,22 @@ class CamaraOperator:
             "amountTransaction": transaction, "_amount": str(amount)}
         if isinstance(body.get("reason"), str):
             refund["reason"] = body["reason"]
+        policy = self.policy(carrier.carrier_id)
+        if payment.msisdn in policy.pending:
+            # the billing back end has not answered: processing, nothing credited, no event yet
+            refund["refundStatus"] = "processing"
+            with self.core.atomic():
+                self._use(carrier, key or str(refund["refundId"]), payment.payment_id,
+                          str(refund["refundId"]), visible_at)
+                payment.refunds.append(refund)
+                self._save(payment)
+            return web.json_response(refund_view(refund), status=201)
         with self.core.atomic():  # the key, the credit and the refund record: one commit
             try:
                 if payment.book_reference is None:
                     raise RefundRefused("payment not charged")
+                if payment.msisdn in policy.refund_failing:
+                    raise RefundRefused("refund refused by the billing system")
                 self.core.books[carrier.carrier_id].refund(
                     payment.msisdn, amount, key or refund["refundId"], "refund",
                     payment.book_reference, visible_at)
@@ -911,10 +1000,12 @@ class CamaraOperator:
         for name in ("number_prefixes",):
             if name in body:
                 setattr(policy, name, list(body[name]))
-        for name in ("denied", "not_applicable"):
+        for name in ("denied", "not_applicable", "pending", "refund_denied", "refund_failing",
+                     "not_refundable"):
             if name in body:
                 setattr(policy, name, set(body[name]))
-        for name in ("max_amount", "threshold_amount", "max_refund_amount"):
+        for name in ("max_amount", "threshold_amount", "max_refund_amount",
+                     "refund_threshold_amount"):
             if name in body:
                 setattr(policy, name, None if body[name] is None else Decimal(str(body[name])))
         if "rate_limit" in body:

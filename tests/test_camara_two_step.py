@@ -39,12 +39,17 @@ async def test_prepare_validate_confirm(settings: Settings, simulator: Simulator
                                                prepared.authorization_id, code)
         assert valid.outcome is Outcome.PENDING
 
-        confirmed = await adapter.confirm_payment("first-purchase-1", prepared.payment_id)
+        # with a 2-legged token the body must name the number: without it nothing is charged
+        unnamed = await adapter.confirm_payment("first-purchase-1", prepared.payment_id)
+        assert (unnamed.outcome, unnamed.carrier_code) == (Outcome.REJECTED,
+                                                           "MISSING_IDENTIFIER")
+        assert await simulator.balance(carrier.id, msisdn) == Decimal("100")
+        confirmed = await adapter.confirm_payment("first-purchase-1", prepared.payment_id, msisdn)
         # the spec's 202: accepted, the result comes by event or look-up
         assert (confirmed.outcome, confirmed.carrier_reference) == (Outcome.PENDING,
                                                                     prepared.payment_id)
         assert await simulator.balance(carrier.id, msisdn) == Decimal("80.10")
-        again = await adapter.confirm_payment("first-purchase-1", prepared.payment_id)
+        again = await adapter.confirm_payment("first-purchase-1", prepared.payment_id, msisdn)
         # 409: confirmed once already; never taken as a refusal, it is settled by a look-up
         assert (again.outcome, again.carrier_code) == (Outcome.UNKNOWN,
                                                        "CARRIER_BILLING.PAYMENT_CONFIRMED")
@@ -67,13 +72,14 @@ async def test_a_prepared_payment_can_be_cancelled(settings: Settings, simulator
     try:
         prepared = await adapter.prepare_payment(request)
         assert prepared.payment_id and prepared.authorization_id
-        cancelled = await adapter.cancel_payment("cancelled-purchase-1", prepared.payment_id)
+        cancelled = await adapter.cancel_payment("cancelled-purchase-1", prepared.payment_id,
+                                                 msisdn)
         assert (cancelled.outcome, cancelled.carrier_reference) == (Outcome.PENDING,
                                                                     prepared.payment_id)
-        again = await adapter.cancel_payment("cancelled-purchase-1", prepared.payment_id)
+        again = await adapter.cancel_payment("cancelled-purchase-1", prepared.payment_id, msisdn)
         assert (again.outcome, again.carrier_code) == (Outcome.REJECTED,
                                                        "CARRIER_BILLING.PAYMENT_CANCELLED")
-        late = await adapter.confirm_payment("cancelled-purchase-1", prepared.payment_id)
+        late = await adapter.confirm_payment("cancelled-purchase-1", prepared.payment_id, msisdn)
         assert late.carrier_code == "CARRIER_BILLING.PAYMENT_CANCELLED"
         assert await simulator.balance(carrier.id, msisdn) == Decimal("100")
     finally:
