@@ -110,6 +110,8 @@ class Ctx:
     asked_at: dict[str, str] = field(default_factory=dict)  # "NOW - 1 day" -> ISO moment
     refunds: list[str] = field(default_factory=list)  # refunds this scenario made
     refunded: float = 0.0
+    tags: set[str] = field(default_factory=set)  # the scenario's Gherkin tags
+    unknown: set[str] = field(default_factory=set)  # path parameters naming nothing on purpose
 
     def payment_body(self, merchant: str = "", **charging: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"amountTransaction": {
@@ -146,8 +148,22 @@ class Ctx:
 
 
 @pytest.fixture
-def ctx(operator: Operator) -> Ctx:
-    return Ctx(operator)
+def ctx(operator: Operator, request: pytest.FixtureRequest) -> Ctx:
+    return Ctx(operator, tags={m.name for m in request.node.iter_markers()})
+
+
+# The "testing assets" the feature files ask the implementation for ("a phone number not-eligible
+# for payment", "refund behaviour mode: async"): scenario tag -> the operator policy that makes
+# the scenario's phone number that asset. Applied just before the request is sent, as the
+# business context exists at that moment (a confirm is denied after its payment was prepared).
+ASSETS: dict[str, str] = {
+    "create_payment_403.02_payment_denied": "denied",
+    "prepare_payment_403.02_payment_denied": "denied",
+    "confirm_payment_403.02_payment_denied": "denied",
+    "create_refund_403.02_refund_denied": "refund_denied",
+    "create_refund_403.03_payment_not_eligible_for_refund": "not_refundable",
+    "create_refund_12_async_behaviour": "pending",
+}
 
 
 def default_body(ctx: Ctx) -> Any:
@@ -159,8 +175,8 @@ def default_body(ctx: Ctx) -> Any:
     if op.endswith("/confirm") or op.endswith("/cancel"):
         return {"phoneNumber": ctx.phone}
     if op.endswith("/refunds"):
-        return {"type": "total", "amountTransaction": {"referenceCode": "R1",
-                                                        "refundAmount": {}}}
+        return {"type": "total", "amountTransaction": {
+            "referenceCode": f"RREF-{uuid.uuid4().hex[:10]}", "refundAmount": {}}}
     return None
 
 
@@ -269,11 +285,14 @@ def _body_text(ctx: Ctx, text: str) -> None:
 
 @given(parsers.re(r'the request body property "(?P<name>[^"]+)" is (not included|missing)'))
 def _missing(ctx: Ctx, name: str) -> None:
-    remove(ctx.body, name)
+    remove(ctx.body, phone_path(ctx, name))
 
 
 @given(parsers.parse('the request body property "{name}" is set to true'))
 def _true(ctx: Ctx, name: str) -> None:
+    if ctx.resource.endswith("/refunds") and name.endswith(".isTaxIncluded"):
+        # a gross refund is of a gross payment (a net one would be TAXES_MANAGEMENT_MISMATCH)
+        ctx.path["paymentId"] = succeeded_payment(ctx, amount=10, isTaxIncluded=True)
     put(ctx.body, name, True)
 
 
@@ -284,6 +303,10 @@ def _false(ctx: Ctx, name: str) -> None:
 
 @given(parsers.re(r'the request body property "(?P<name>[^"]+)" is set (to|with) a valid value$'))
 def _valid_value(ctx: Ctx, name: str) -> None:
+    if ctx.resource.endswith("/validate") and name in ("$.authorizationId", "$.code"):
+        put(ctx.body, name, ctx.authorization_id if name == "$.authorizationId" else otp(
+            ctx, ctx.path["paymentId"]))
+        return
     values = {"taxAmount": 0.2, "merchantIdentifier": "merchant-1", "type": "total",
               "clientCorrelator": uuid.uuid4().hex, "phoneNumber": ctx.phone}
     put(ctx.body, name, values.get(name.rsplit(".", 1)[-1], "value"))
@@ -298,7 +321,12 @@ def _same_as_token(ctx: Ctx, name: str) -> None:
 
 @given(parsers.parse('the request body array property "{name}" is set with valid information'))
 def _details(ctx: Ctx, name: str) -> None:
-    put(ctx.body, name, [{"id": "i1", "amount": 1.5, "currency": "EUR", "description": "x"}])
+    if name.endswith("refundDetails"):  # items of the refund-eligible payment's paymentDetails
+        put(ctx.body, name, [{"paymentItemId": ITEM, "amount": 1, "currency": "EUR",
+                              "description": "x"}])
+    else:
+        put(ctx.body, name, [{"id": "i1", "amount": 1.5, "currency": "EUR",
+                              "description": "x"}])
 
 
 @given(parsers.re(r'the request body property "\$\.sink" is set with a valid (HTTPS )?URL'))
@@ -354,6 +382,8 @@ def _path_valid(ctx: Ctx, name: str) -> None:
 
 @when(parsers.parse('the request "{operation}" is sent'))
 def _send(ctx: Ctx, operation: str) -> None:
+    for tag in ctx.tags & ASSETS.keys():
+        policy(ctx, **{ASSETS[tag]: [ctx.phone]})
     ctx.operation = operation
     ctx.sent_body = ctx.body
     ctx.path.setdefault("paymentId", "unknown-payment")
@@ -442,9 +472,17 @@ def policy(ctx: Ctx, **rules: Any) -> None:
     ctx.op.control("camara/policy", {"carrier": CARRIER, **rules})
 
 
-def succeeded_payment(ctx: Ctx, amount: float = 1.5, merchant: str = "") -> str:
-    """A payment the operator has charged: prepared, validated, confirmed (succeeded at once)."""
-    body = ctx.payment_body(merchant, amount=amount)
+ITEM = "item-1"  # the one item of the refund-eligible payments' paymentDetails
+
+
+def succeeded_payment(ctx: Ctx, amount: float = 1.5, merchant: str = "",
+                      **charging: Any) -> str:
+    """A payment the operator has charged: prepared, validated, confirmed (succeeded at once),
+    with its amount as one item of paymentDetails (what refundDetails refer to)."""
+    body = ctx.payment_body(merchant, amount=amount, **charging)
+    body["amountTransaction"]["paymentAmount"]["paymentDetails"] = [
+        {"id": ITEM, "amount": amount, "currency": "EUR", "description": "Game Pass",
+         **charging}]
     reply = ctx.call("preparePayment", body)
     assert reply.status_code == 201, reply.text
     payment_id = str(reply.json()["paymentId"])
@@ -455,9 +493,15 @@ def succeeded_payment(ctx: Ctx, amount: float = 1.5, merchant: str = "") -> str:
     return payment_id
 
 
+def otp(ctx: Ctx, payment_id: str) -> str:
+    """The code the operator sent the subscriber by SMS (the simulator's test hook)."""
+    reply = ctx.op.http.get(f"{ctx.op.url}/_control/camara/otp", params={"paymentId": payment_id})
+    reply.raise_for_status()
+    return str(reply.json()["code"])
+
+
 def validate(ctx: Ctx, payment_id: str, authorization_id: str) -> None:
-    code = ctx.op.http.get(f"{ctx.op.url}/_control/camara/otp",
-                     params={"paymentId": payment_id}).json()["code"]
+    code = otp(ctx, payment_id)
     reply = ctx.call("validatePayment", {"authorizationId": authorization_id, "code": code},
                      {"paymentId": payment_id})
     assert reply.status_code == 204, reply.text
@@ -468,9 +512,13 @@ def payment_in(ctx: Ctx, status: str, merchant: str = "") -> str:
     if status == "succeeded":
         return succeeded_payment(ctx, merchant=merchant)
     two_step = status != "processing"
+    if not two_step:  # the operator's billing back end holds it: it stays processing
+        policy(ctx, pending=[ctx.phone])
     reply = ctx.call("preparePayment" if two_step else "createPayment",
                      ctx.payment_body(merchant))
     assert reply.status_code == 201, reply.text
+    if not two_step:
+        policy(ctx, pending=[])
     payment_id = str(reply.json()["paymentId"])
     ctx.created.append(payment_id)
     if status in ("reserved", "denied"):
@@ -494,6 +542,7 @@ def backdate(ctx: Ctx, payment_id: str, days: float, refund_id: str = "") -> Non
                                        "refundId": refund_id})
 
 
+RATE_LIMIT = 2  # the N of "N transactions per second"
 AGES = (0, 2, 5, 10, 20, 40)  # days: on both sides of every NOW - N used by the features
 
 
@@ -511,7 +560,6 @@ def _existing_payment(ctx: Ctx) -> None:
 @given(parsers.re(r'several existing payments created by operation createPayment OR '
                   r'preparePayment(?P<variant>.*)$'))
 def _several_payments(ctx: Ctx, variant: str) -> None:
-    # processing last: it turns succeeded a moment later
     statuses = ["pending_validation", "denied", "reserved", "succeeded", "cancelled",
                 "processing"] if "status" in variant else ["succeeded"] * len(AGES)
     if "merchant" in variant:
@@ -555,6 +603,7 @@ def _path_in_env(ctx: Ctx) -> None:
                      'identify a valid {what} in the environment'))
 def _path_unknown(ctx: Ctx, name: str, what: str) -> None:
     ctx.path[name] = f"{what}-that-does-not-exist-{uuid.uuid4().hex[:8]}"
+    ctx.unknown.add(name)
 
 
 @given(parsers.re(r'the path param "paymentId" is set to a valid value of an already '
@@ -565,13 +614,18 @@ def _closed_payment(ctx: Ctx, status: str) -> None:
 
 @given('that the environment is configured with a threshold policy of N transactions per second')
 def _rate_policy(ctx: Ctx) -> None:
-    policy(ctx, rate_limit=2)
+    policy(ctx, rate_limit=RATE_LIMIT)
 
 
 @given('the threshold of requests has been reached')
 def _rate_reached(ctx: Ctx) -> None:
-    for _ in range(3):
-        ctx.call("retrievePayments", path={})
+    """Most scenarios have no "configured with a threshold policy" step: configure it here
+    too, then send until the operator refuses (the next request falls in the same second)."""
+    _rate_policy(ctx)
+    for _ in range(RATE_LIMIT + 1):
+        if ctx.call("retrievePayments", path={}).status_code == 429:
+            return
+    raise AssertionError("the operator never refused a request")
 
 
 @given('that the service is not available for all phone numbers commercialized by the operator')
@@ -813,13 +867,21 @@ def refund_body(kind: str = "total", amount: float = 1, **extra: Any) -> dict[st
 
 
 def make_refund(ctx: Ctx, kind: str = "partial", amount: float = 1,
-                merchant: str = "") -> str:
+                merchant: str = "", status: str = "succeeded", payment_id: str = "") -> str:
+    """A refund of the scenario's payment (or payment_id) that ends in the given status: the
+    operator's policy holds it (processing) or its billing system refuses it (denied)."""
     body = refund_body(kind, amount)
     if merchant:
         body["amountTransaction"]["refundAmount"]["chargingMetaData"] = {
             "merchantIdentifier": merchant}
-    reply = ctx.call("createRefund", body, {"paymentId": ctx.path["paymentId"]})
+    rule = {"processing": "pending", "denied": "refund_failing"}.get(status)
+    if rule:
+        policy(ctx, **{rule: [ctx.phone]})
+    reply = ctx.call("createRefund", body, {"paymentId": payment_id or ctx.path["paymentId"]})
+    if rule:
+        policy(ctx, **{rule: []})
     assert reply.status_code == 201, reply.text
+    assert reply.json()["refundStatus"] == status, reply.text
     refund_id = str(reply.json()["refundId"])
     ctx.refunds.append(refund_id)
     ctx.path["refundId"] = refund_id
@@ -834,6 +896,9 @@ def _existing_refund(ctx: Ctx) -> None:
 
 @given(parsers.parse('the path parameter "refundId" is set to a valid value in the environment'))
 def _refund_in_env(ctx: Ctx) -> None:
+    if "paymentId" in ctx.unknown:  # a real refund, of another payment than the one named
+        make_refund(ctx, payment_id=succeeded_payment(ctx, amount=10))
+        return
     if ctx.path.get("paymentId", "unknown-payment") == "unknown-payment":
         ctx.path["paymentId"] = succeeded_payment(ctx, amount=10)
     make_refund(ctx)
@@ -844,10 +909,11 @@ def _several_refunds(ctx: Ctx, variant: str) -> None:
     ctx.path["paymentId"] = succeeded_payment(ctx, amount=50)
     if "merchant" in variant:
         ctx.merchant = "merchant-bdd"
+    statuses = ("processing", "denied", "succeeded") if "status" in variant else ("succeeded",)
     for index, age in enumerate(AGES):
         merchant = ("merchant-bdd" if index % 2 == 0 else "merchant-other") \
             if "merchant" in variant else ""
-        refund_id = make_refund(ctx, merchant=merchant)
+        refund_id = make_refund(ctx, merchant=merchant, status=statuses[index % len(statuses)])
         backdate(ctx, ctx.path["paymentId"], age, refund_id)
 
 
@@ -856,6 +922,25 @@ def _several_refunds(ctx: Ctx, variant: str) -> None:
 def _refund_done(ctx: Ctx, kind: str) -> None:
     make_refund(ctx, kind, 4)
     ctx.refunded = 10.0 if kind == "total" else 4.0
+
+
+@given(parsers.re(r'an existing (?P<kind>total|partial) refund being perfomed for that '
+                  r'"paymentId"'))
+def _refund_in_progress(ctx: Ctx, kind: str) -> None:
+    make_refund(ctx, kind, 4, status="processing")
+    ctx.refunded = 10.0 if kind == "total" else 4.0  # what is being refunded is not left
+
+
+@given(parsers.re(r'an existing (?P<kind>total|partial) refund finally denied for that '
+                  r'"paymentId"'))
+def _refund_denied(ctx: Ctx, kind: str) -> None:
+    make_refund(ctx, kind, 4, status="denied")
+    ctx.refunded = 0.0
+
+
+@then('the response property "$.amount" is the value of the amount of the related payment')
+def _whole_amount(ctx: Ctx) -> None:
+    assert reply_of(ctx).json()["amount"] == 10
 
 
 @then('the response property "$.amount" is the value of "payment amount" - "refund amount"')
@@ -909,6 +994,34 @@ def _refund_too_much(ctx: Ctx) -> None:
        'isTaxIncluded" is different than the value used for related payment')
 def _tax_mismatch(ctx: Ctx) -> None:  # the refund-eligible payment is net (no isTaxIncluded)
     put(ctx.body, "$.amountTransaction.refundAmount.chargingInformation.isTaxIncluded", True)
+
+
+@given('the request body property "$.amountTransaction.refundAmount.refundDetails" is not '
+       'consistent with the value of "paymentDetails" used for related payment')
+def _details_mismatch(ctx: Ctx) -> None:
+    put(ctx.body, "$.amountTransaction.refundAmount.refundDetails", [
+        {"paymentItemId": "no-such-item", "amount": 1, "currency": "EUR", "description": "x"}])
+
+
+@given('the request body property "$.amountTransaction.refundAmount.chargingInformation.amount" '
+       'exceeds the accumulated threshold amount value allowed by the regulation for refunds')
+def _over_refund_threshold(ctx: Ctx) -> None:
+    policy(ctx, refund_threshold_amount=5)
+    make_refund(ctx, "partial", 4)
+    put(ctx.body, "$.amountTransaction.refundAmount.chargingInformation.amount", 2)
+
+
+@given('the request body property includes property "$.amountTransaction.clientCorrelator" with '
+       'a value already use in a non-completed refund')
+def _refund_correlator_in_use(ctx: Ctx) -> None:
+    earlier = refund_body("partial", 1)
+    earlier["amountTransaction"]["clientCorrelator"] = uuid.uuid4().hex
+    policy(ctx, pending=[ctx.phone])  # the operator has not finished that refund
+    reply = ctx.call("createRefund", earlier, {"paymentId": ctx.path["paymentId"]})
+    policy(ctx, pending=[])
+    assert reply.status_code == 201 and reply.json()["refundStatus"] == "processing", reply.text
+    ctx.body["amountTransaction"]["clientCorrelator"] = earlier["amountTransaction"][
+        "clientCorrelator"]
 
 
 @given(parsers.parse('the request body property includes property "$.sink" with an HTTP endpoint'))
