@@ -28,13 +28,12 @@ from carriers.pool import AdapterPool
 from carriers.smpp import SmppAdapter
 from keywords.service import MoService, attach_mobile_originated
 from models.inbound_sms import InboundSms, SmsNotice
-from models.interactions import InteractionStore
-from models.smpp_store import SubmissionStore
 from models.tables import CarrierInteraction, Subscriber, Subscription
 from settings import Settings
 from simulators.smsc import Smsc
 from starter import SubscriptionClient
 from tests.conftest import Simulator
+from worker import build_worker, make_adapter_pool
 from workflows.subscription import SubscriptionWorkflow
 
 REGISTRY = default_registry()
@@ -87,35 +86,34 @@ async def phone(simulator: Simulator) -> AsyncIterator[Phone]:
 
 @pytest.fixture(scope="module")
 def own_settings(settings: Settings, phone: Phone) -> Settings:
+    """This module's SMSC and task queue: its SMPP sessions and workflows are its own, so the
+    session's worker (and other modules' adapters) never share its binds."""
     urls = dict(settings.simulator_urls, smpp=phone.endpoint)
-    return settings.model_copy(update={"simulator_urls": urls})
+    return settings.model_copy(update={"simulator_urls": urls,
+                                       "task_queue": f"mo-{uuid.uuid4()}"})
 
 
 @pytest.fixture(scope="module")
 async def own_pool(own_settings: Settings, engine: Engine,
                    temporal_client: Client) -> AsyncIterator[AdapterPool]:
-    """The worker's kind of adapter pool, bound to this module's SMSC."""
+    """The worker's adapter pool (receipts relayed to workflows), on this module's SMSC."""
     create_sms_tables(engine)
-    interactions = InteractionStore(engine).record
-
-    async def no_receipts(*_: object) -> str:
-        return "late"
-
-    pool = AdapterPool(REGISTRY, own_settings, interactions, SubmissionStore(engine), no_receipts)
+    pool = make_adapter_pool(REGISTRY, own_settings, engine, temporal_client)
     yield pool
     await pool.aclose()
 
 
 @pytest.fixture(scope="module")
 async def mo(own_pool: AdapterPool, own_settings: Settings, engine: Engine,
-             client: SubscriptionClient, temporal_client: Client) -> AsyncIterator[MoService]:
-    """Wired as the worker wires it, with the conftest worker running the workflows."""
+             temporal_client: Client) -> AsyncIterator[MoService]:
+    """Wired as the worker wires it, with a worker of its own running the workflows."""
     service = await attach_mobile_originated(temporal_client, engine, REGISTRY, own_pool,
                                              own_settings)
     adapter = own_pool.get(CARRIER.id)
     assert isinstance(adapter, SmppAdapter)
     adapter.start()
-    yield service
+    async with build_worker(temporal_client, own_settings, engine, own_pool, REGISTRY):
+        yield service
     await service.aclose()
 
 
