@@ -4,8 +4,15 @@ CloudEvents to the client's sink. Checked against CAMARA's Gherkin test definiti
 (tests/camara_bdd): input validation before any debit, the standard error body on every
 refusal, x-correlator checked and echoed, scopes per operation, 3-legged tokens.
 
-A repeated clientCorrelator is refused: 400 while its payment is not completed, 409 once it
-is (or replayed, per the carrier's promise); a referenceCode of a live payment is 409."""
+A repeated clientCorrelator is refused: 400 while its payment (or refund) is not completed, 409
+once it is (or replayed, per the carrier's promise); a referenceCode of a live payment or
+refund is 409.
+
+The "testing assets" the feature files ask an operator for are per-carrier policy
+(/_control/camara/policy): numbers business rules deny, numbers whose one-step payments and
+refunds stay processing ("pending"), whose refunds end denied ("refund_failing") or are refused
+("refund_denied", "not_refundable"), amount limits and thresholds, a rate limit. Without a
+policy every payment and refund completes at once, as the adapter's tests expect."""
 
 from __future__ import annotations
 
