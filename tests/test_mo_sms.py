@@ -25,7 +25,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from carriers.loader import default_registry
 from carriers.numbers import sample_msisdn
 from carriers.pool import AdapterPool
-from carriers.smpp import SmppAdapter
+from carriers.smpp import MobileOriginated, SmppAdapter
 from keywords.service import MoService, attach_mobile_originated
 from models.inbound_sms import InboundSms, SmsNotice
 from models.tables import CarrierInteraction, Subscriber, Subscription
@@ -134,11 +134,12 @@ def inbound(engine: Engine, msisdn: str) -> list[InboundSms]:
                                  .order_by(InboundSms.id)).all())  # type: ignore[arg-type]
 
 
-async def handled(engine: Engine, msisdn: str, count: int) -> list[InboundSms]:
+async def handled(engine: Engine, msisdn: str, count: int,
+                  seconds: float = 8.0) -> list[InboundSms]:
     async def done() -> bool:
         rows = await asyncio.to_thread(inbound, engine, msisdn)
         return len(rows) >= count and all(r.state != "received" for r in rows)
-    await eventually(done)
+    await eventually(done, seconds)
     return await asyncio.to_thread(inbound, engine, msisdn)
 
 
@@ -311,3 +312,31 @@ async def test_a_pin_with_no_subscription_awaiting_it_is_answered_with_help(
     [row] = await handled(engine, msisdn, 1)
     assert row.outcome == "no subscription awaits a code: answered with help"
     assert "STOP to 84422" in (await phone.received(msisdn))[0]["text"]
+
+
+# -- acknowledged only once stored -----------------------------------------------------------------
+
+async def test_a_text_that_could_not_be_stored_is_left_unacknowledged_and_comes_again(
+        mo: MoService, own_pool: AdapterPool, phone: Phone, engine: Engine) -> None:
+    adapter = own_pool.get(CARRIER.id)
+    assert isinstance(adapter, SmppAdapter)
+    refusals: list[str] = []
+
+    async def database_down(text: MobileOriginated) -> None:
+        refusals.append(text.text)
+        raise ConnectionRefusedError("database unreachable")
+
+    msisdn = new_msisdn()
+    adapter.set_mobile_originated_sink(database_down)
+    try:
+        message_id = await phone.text(msisdn, WEEKLY, "HELP")
+
+        async def given_up() -> bool:  # the adapter tries three times, then drops the session
+            return len(refusals) >= 3
+        await eventually(given_up)
+    finally:
+        adapter.set_mobile_originated_sink(mo.accept)
+    assert await asyncio.to_thread(inbound, engine, msisdn) == []  # nothing stored...
+    [row] = await handled(engine, msisdn, 1, seconds=30)  # ...so the SMSC delivered it again
+    assert row.smsc_message_id == message_id and row.action == "help"
+    assert len(await phone.received(msisdn)) == 1
