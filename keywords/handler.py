@@ -159,6 +159,10 @@ class MoHandler:
                 if exc.status != RPCStatusCode.NOT_FOUND:
                     raise  # Temporal out of reach: the row stays open, acted on again
                 continue  # its workflow has ended already
+            except WorkflowUpdateFailedError as exc:  # ended meanwhile: nothing to stop
+                log.info("mo %s: subscription %s not cancelled: %s", row.id, subscription.id,
+                         exc.cause)
+                continue
             cancelled.append(subscription.id)
         await self._reply(row, action, "stop_confirmation")
         return f"cancelled {cancelled}" if cancelled else "nothing to cancel"

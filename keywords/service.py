@@ -15,8 +15,10 @@ import contextlib
 import logging
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from activities.notices import NoticeSender
 from carriers.loader import Registry
@@ -24,7 +26,14 @@ from carriers.pool import AdapterPool
 from carriers.smpp import MobileOriginated, SmppAdapter
 from keywords.handler import MoHandler
 from keywords.routes import KeywordRoutes
-from models.inbound_sms import INBOUND_OPEN, InboundSms, dedup_key, open_inbound, store_inbound
+from models.inbound_sms import (
+    INBOUND_OPEN,
+    InboundSms,
+    dedup_key,
+    finish_inbound,
+    open_inbound,
+    store_inbound,
+)
 from models.tables import utcnow
 from settings import Settings
 from starter import SubscriptionClient
@@ -33,6 +42,11 @@ log = logging.getLogger(__name__)
 
 # a text whose handling failed (Temporal or the SMSC out of reach) is tried again after this
 RETRY_SECONDS = 5.0
+# a text that fails this often for a reason of our own (not an unreachable service) is set
+# aside as "failed" for an operator, rather than holding every text behind it
+MAX_FAILURES = 5
+# failures that only mean a service is out of reach: tried again for as long as it takes
+_UNREACHABLE = (RPCError, OSError, OperationalError, ConnectionError)
 
 
 class MoService:
@@ -100,6 +114,7 @@ class MoService:
     async def _act(self, row_id: int) -> None:
         """Acts on one text, trying again until it is done: the texts behind it wait, so a
         STOP is never acted on before the JOIN sent ahead of it."""
+        failures = 0
         while True:
             try:
                 row = await asyncio.to_thread(self._load, row_id)
@@ -107,9 +122,21 @@ class MoService:
                     await self._handler.handle(row)
                 return
             except Exception as exc:  # kept open in the database meanwhile
+                if not isinstance(exc, _UNREACHABLE):
+                    failures += 1
+                if failures >= MAX_FAILURES:
+                    log.error("mo %s set aside after %d failures: %s", row_id, failures,
+                              type(exc).__name__)
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(self._set_aside, row_id, repr(exc)[:200])
+                    return
                 log.warning("mo %s not acted on: %s; tried again in %.0fs", row_id,
                             type(exc).__name__, self._retry)
                 await asyncio.sleep(self._retry)
+
+    def _set_aside(self, row_id: int, error: str) -> None:
+        with Session(self._engine) as session:
+            finish_inbound(session, row_id, "failed", "", error)
 
     async def drain(self) -> None:
         """Waits until every queued text has been acted on."""

@@ -21,7 +21,7 @@ from sqlmodel import Field, Session, SQLModel, select
 
 from models.tables import utcnow
 
-# inbound: received (stored, not yet acted on) -> handled | ignored
+# inbound: received (stored, not yet acted on) -> handled | ignored | failed (set aside)
 INBOUND_OPEN = "received"
 # notice: sending -> sent | unknown (never sent again) ; sending -> refused -> sending
 NOTICE_MAY_SEND = ("refused",)

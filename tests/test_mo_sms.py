@@ -340,3 +340,22 @@ async def test_a_text_that_could_not_be_stored_is_left_unacknowledged_and_comes_
     [row] = await handled(engine, msisdn, 1, seconds=30)  # ...so the SMSC delivered it again
     assert row.smsc_message_id == message_id and row.action == "help"
     assert len(await phone.received(msisdn)) == 1
+
+
+async def test_a_text_stored_by_a_worker_that_stopped_is_acted_on_at_the_next_start(
+        mo: MoService, phone: Phone, engine: Engine) -> None:
+    msisdn = new_msisdn()
+
+    def stored_then_stopped() -> None:
+        with Session(engine) as session:
+            session.add(InboundSms(carrier_id=CARRIER.id, dedup_key=f"id:left-{msisdn}",
+                                   smsc_message_id=f"left-{msisdn}", msisdn=msisdn,
+                                   short_code=DEMO, text="aide"))
+            session.commit()
+
+    await asyncio.to_thread(stored_then_stopped)
+    assert await mo.resume() >= 1
+    [row] = await handled(engine, msisdn, 1)
+    assert row.action == "help"
+    [answer] = await phone.received(msisdn)
+    assert answer["text"].startswith("Game Pass : 1.50 GBP. Pour arreter : STOP au 84150.")
