@@ -47,6 +47,14 @@ class Settings(BaseSettings):
 
     opensearch_url: str | None = None
 
+    # bill subscriptions under their country's, carrier's and product's rules (rules/data)
+    apply_rules: bool = True
+
+    # the game backend that grants what a payment bought (simulators/game_backend.py)
+    game_backend_url: str = "http://127.0.0.1:8703"
+    game_backend_token: SecretStr = SecretStr("dev-game-backend-token")
+    game_backend_timeout_seconds: float = 5.0
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -44,12 +45,27 @@ from models.tables import (
     Subscription,
     SubscriptionStatus,
 )
+from rules.errors import RulesError
+from rules.resolve import resolve_rules
+from rules.types import ChargingRules
 from settings import Settings, get_settings
 from workflows import search_attributes as sa
 from workflows.late_settlement import LateSettlementWorkflow, late_settlement_id
 from workflows.refund import RefundWorkflow, refund_workflow_id
 from workflows.subscription import SubscriptionWorkflow
-from workflows.types import BillingState, Plan, RefundRequestInput, SubscriptionInput
+from workflows.types import (
+    BillingState,
+    ChangePlanRequest,
+    Plan,
+    RefundCycleRequest,
+    RefundRecord,
+    RefundRequestInput,
+    SubscriptionInput,
+)
+
+_UPDATE_RESULTS: dict[str, type] = {"request_refund": RefundRecord}
+# (country, carrier, product, price in minor units, period, subscriber's zone) -> rules
+RulesResolver = Callable[[str, str, str, int, str, str | None], ChargingRules]
 
 
 class SubscriptionRequestError(ValueError):
@@ -68,6 +84,8 @@ class StartSubscriptionRequest(BaseModel):
     carrier_id: str | None = None
     first_charge_at: datetime | None = None
     cycles_per_run: int = Field(default=24, ge=1, le=500)
+    # a free trial: the first charge falls this many days after the start
+    trial_days: int = Field(default=0, ge=0, le=366)
 
     @field_validator("first_charge_at")
     @classmethod
@@ -104,13 +122,20 @@ class SubscriptionView(BaseModel):
 
 
 class SubscriptionClient:
+    """``apply_rules``: subscriptions are billed under their country's, carrier's and product's
+    rules (windows, caps, opt-in, texts, delivery). Services connect with it on (the
+    default); a plain timer without rules is kept for tests of the charge path alone."""
+
     def __init__(self, client: Client, engine: Engine, registry: Registry, task_queue: str,
-                 deployment_id: str = "dev") -> None:
+                 deployment_id: str = "dev", apply_rules: bool = False,
+                 rules_resolver: RulesResolver = resolve_rules) -> None:
         self.client = client
         self.engine = engine
         self.registry = registry
         self.task_queue = task_queue
         self.deployment_id = deployment_id
+        self.apply_rules = apply_rules
+        self.rules_resolver = rules_resolver
 
     @classmethod
     async def connect(cls, settings: Settings | None = None) -> SubscriptionClient:
@@ -119,7 +144,7 @@ class SubscriptionClient:
             settings.temporal_address, namespace=settings.temporal_namespace
         )
         return cls(client, make_engine(settings.database_url), default_registry(),
-                   settings.task_queue, settings.deployment_id)
+                   settings.task_queue, settings.deployment_id, settings.apply_rules)
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -188,8 +213,41 @@ class SubscriptionClient:
             session.refresh(subscription)
             return subscription
 
+    def _plan(self, carrier: Carrier, price: PricePoint, trial_days: int = 0) -> Plan:
+        return Plan(
+            period=Period(price.period).value,
+            amount_minor=price.amount_minor,
+            currency=price.currency,
+            retry_delays_seconds=price.retry_delays(),
+            interval_seconds=price.interval_seconds,
+            settle_delays_seconds=self.registry.carriers[carrier.id].settle_delays(),
+            settle_deadline_seconds=self.registry.carriers[carrier.id].settle_deadline_seconds,
+            trial_days=trial_days,
+            price_point_id=price.id,
+        )
+
+    def _rules(self, carrier: Carrier, price: PricePoint) -> ChargingRules | None:
+        """The rules this subscription is billed under; a product the rules bar here is
+        refused before anything is written."""
+        if not self.apply_rules:
+            return None
+        try:
+            rules = self.rules_resolver(carrier.country_code, carrier.id, price.product_id,
+                                        price.amount_minor, Period(price.period).value,
+                                        carrier.timezone)
+        except (RulesError, KeyError, ValueError) as exc:
+            raise SubscriptionRequestError(f"no rules for {carrier.id}: {exc}") from None
+        if rules.blocked:
+            raise SubscriptionRequestError(f"refused by rule: {rules.blocked}")
+        if price.amount_minor > (rules.caps.per_transaction_minor or price.amount_minor):
+            raise SubscriptionRequestError(
+                f"refused by rule {carrier.country_code}.per_transaction: the price exceeds "
+                f"{rules.caps.per_transaction_minor} minor units per charge")
+        return rules
+
     async def start_subscription(self, request: StartSubscriptionRequest) -> StartedSubscription:
         msisdn, carrier, price = await asyncio.to_thread(self._validated, request)
+        rules = self._rules(carrier, price)
         subscription = await asyncio.to_thread(self._insert, msisdn, carrier, price)
         assert subscription.id is not None
         prefix = key_prefix(self.deployment_id, subscription.key_token)
@@ -200,20 +258,14 @@ class SubscriptionClient:
             country_code=carrier.country_code,
             product_id=price.product_id,
             price_point_id=price.id,
-            plan=Plan(
-                period=Period(price.period).value,
-                amount_minor=price.amount_minor,
-                currency=price.currency,
-                retry_delays_seconds=price.retry_delays(),
-                interval_seconds=price.interval_seconds,
-                settle_delays_seconds=self.registry.carriers[carrier.id].settle_delays(),
-                settle_deadline_seconds=self.registry.carriers[carrier.id].settle_deadline_seconds,
-            ),
+            plan=self._plan(carrier, price, request.trial_days),
             first_charge_at=request.first_charge_at,
             cycles_per_run=request.cycles_per_run,
             key_prefix=prefix,
             carrier_task_queue=carrier_task_queue(self.task_queue,
                                                   self.registry.carriers[carrier.id]),
+            rules=rules,
+            locale=self.registry.country_of(carrier.id).default_locale,
         )
         try:
             await self.client.start_workflow(
@@ -226,7 +278,10 @@ class SubscriptionClient:
                     SearchAttributePair(sa.CARRIER_ID, carrier.id),
                     SearchAttributePair(sa.COUNTRY_CODE, carrier.country_code),
                     SearchAttributePair(sa.PRODUCT_ID, price.product_id),
-                    SearchAttributePair(sa.SUBSCRIPTION_STATUS, SubscriptionStatus.ACTIVE.value),
+                    SearchAttributePair(sa.SUBSCRIPTION_STATUS,
+                                        SubscriptionStatus.PENDING_OPT_IN.value
+                                        if rules is not None and rules.opt_in != "none"
+                                        else SubscriptionStatus.ACTIVE.value),
                 ]),
                 static_summary=f"{price.product_id} {Period(price.period).value} on {carrier.id}",
             )
@@ -268,6 +323,80 @@ class SubscriptionClient:
         return await self.handle(subscription_id).execute_update(
             SubscriptionWorkflow.cancel  # type: ignore[arg-type]
         )
+
+    async def _update(self, subscription_id: int, name: str, *args: Any) -> Any:
+        """Runs an update; the workflow's validator refusing it is a request error (nothing
+        was written to the history)."""
+        try:
+            return await self.handle(subscription_id).execute_update(
+                name, *args, result_type=_UPDATE_RESULTS.get(name, BillingState))
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            raise SubscriptionRequestError(
+                str(getattr(cause, "message", None) or cause)) from None
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise SubscriptionRequestError(
+                    f"subscription {subscription_id} is not running") from None
+            raise
+
+    async def cancel_at_period_end(self, subscription_id: int) -> BillingState:
+        result: BillingState = await self._update(subscription_id, "cancel_at_period_end")
+        return result
+
+    async def pause(self, subscription_id: int) -> BillingState:
+        result: BillingState = await self._update(subscription_id, "pause")
+        return result
+
+    async def resume(self, subscription_id: int) -> BillingState:
+        result: BillingState = await self._update(subscription_id, "resume")
+        return result
+
+    async def confirm_opt_in(self, subscription_id: int, pin: str) -> BillingState:
+        result: BillingState = await self._update(subscription_id, "confirm_opt_in", pin)
+        return result
+
+    def _price_point(self, subscription_id: int, price_point_id: str
+                     ) -> tuple[Carrier, PricePoint]:
+        with Session(self.engine) as session:
+            subscription = session.get(Subscription, subscription_id)
+            if subscription is None:
+                raise SubscriptionRequestError(f"unknown subscription {subscription_id}")
+            current = session.get(PricePoint, subscription.price_point_id)
+            price = session.get(PricePoint, price_point_id)
+            if price is None or current is None:
+                raise SubscriptionRequestError(f"unknown price point {price_point_id!r}")
+            if (price.carrier_id, price.product_id) != (current.carrier_id, current.product_id):
+                raise SubscriptionRequestError(
+                    f"{price_point_id} is not a price of {current.product_id} on "
+                    f"{current.carrier_id}")
+            if price.id == current.id:
+                raise SubscriptionRequestError(f"the subscription is already on {price.id}")
+            carrier = session.get(Carrier, price.carrier_id)
+            assert carrier is not None
+            return carrier, price
+
+    async def change_plan(self, subscription_id: int, price_point_id: str) -> BillingState:
+        """Moves the subscription to another price point of its product and carrier, from
+        its next cycle. (The database row follows when that cycle is billed.)"""
+        carrier, price = await asyncio.to_thread(self._price_point, subscription_id,
+                                                 price_point_id)
+        change = ChangePlanRequest(price.id, self._plan(carrier, price),
+                                   self._rules(carrier, price))
+        result: BillingState = await self._update(subscription_id, "change_plan", change)
+        return result
+
+    async def request_refund(self, subscription_id: int, cycle: int,
+                             amount_minor: int | None = None, request_id: str | None = None,
+                             reason: str = "customer refund") -> RefundRecord:
+        """Refunds all or part of a charged cycle through its subscription's workflow, which
+        refuses more than was charged; the same request id never refunds twice."""
+        if amount_minor is not None and amount_minor <= 0:
+            raise SubscriptionRequestError("a refund amount must be positive")
+        request = RefundCycleRequest(request_id or f"{subscription_id}-{cycle}", cycle,
+                                     amount_minor, reason)
+        result: RefundRecord = await self._update(subscription_id, "request_refund", request)
+        return result
 
     async def describe_subscription(self, subscription_id: int) -> SubscriptionView:
         state = await self.handle(subscription_id).query(SubscriptionWorkflow.state)
@@ -376,7 +505,7 @@ async def _cli(args: argparse.Namespace) -> Any:
         request = StartSubscriptionRequest(
             msisdn=args.msisdn, product_id=args.product,
             amount_minor=_parse_amount(args.amount, args.currency), currency=args.currency,
-            period=Period(args.period), carrier_id=args.carrier,
+            period=Period(args.period), carrier_id=args.carrier, trial_days=args.trial_days,
         )
         return (await client.start_subscription(request)).model_dump()
     if args.command == "cancel":
@@ -384,7 +513,22 @@ async def _cli(args: argparse.Namespace) -> Any:
     if args.command == "describe":
         return (await client.describe_subscription(args.subscription_id)).model_dump()
     if args.command == "refund":
-        return asdict(await client.refund(args.subscription_id, args.cycle, args.reason))
+        if args.amount is None and args.request_id is None:
+            return asdict(await client.refund(args.subscription_id, args.cycle, args.reason))
+        view = await client.describe_subscription(args.subscription_id)
+        amount = None if args.amount is None else _parse_amount(args.amount, view.currency)
+        return asdict(await client.request_refund(args.subscription_id, args.cycle, amount,
+                                                  args.request_id, args.reason))
+    if args.command == "pause":
+        return asdict(await client.pause(args.subscription_id))
+    if args.command == "resume":
+        return asdict(await client.resume(args.subscription_id))
+    if args.command == "cancel-at-period-end":
+        return asdict(await client.cancel_at_period_end(args.subscription_id))
+    if args.command == "change-plan":
+        return asdict(await client.change_plan(args.subscription_id, args.price_point))
+    if args.command == "opt-in":
+        return asdict(await client.confirm_opt_in(args.subscription_id, args.pin))
     if args.command == "unsettled":
         return [o.model_dump() for o in await client.unsettled(args.carrier)]
     if args.command == "settle":
@@ -402,12 +546,21 @@ def main() -> None:
     start.add_argument("--currency", required=True)
     start.add_argument("--period", required=True, choices=[p.value for p in Period])
     start.add_argument("--carrier")
-    for name in ("cancel", "describe"):
+    start.add_argument("--trial-days", type=int, default=0)
+    for name in ("cancel", "describe", "pause", "resume", "cancel-at-period-end"):
         commands.add_parser(name).add_argument("subscription_id", type=int)
-    refund = commands.add_parser("refund")
+    refund = commands.add_parser("refund", help="refund all or part of a charged cycle")
     refund.add_argument("subscription_id", type=int)
     refund.add_argument("cycle", type=int)
     refund.add_argument("--reason", default="customer refund")
+    refund.add_argument("--amount", help="a partial refund, in major units, e.g. 1.50")
+    refund.add_argument("--request-id", help="the same id never refunds twice")
+    change = commands.add_parser("change-plan", help="another price point from the next cycle")
+    change.add_argument("subscription_id", type=int)
+    change.add_argument("price_point")
+    opt_in = commands.add_parser("opt-in", help="the code the subscriber received by SMS")
+    opt_in.add_argument("subscription_id", type=int)
+    opt_in.add_argument("pin")
     unsettled = commands.add_parser(
         "unsettled", help="operations that may have moved money and have no final answer")
     unsettled.add_argument("--carrier")

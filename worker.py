@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 from sqlalchemy.engine import Engine
@@ -13,6 +14,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
+from activities.delivery import DeliveryActivities
 from carriers.loader import Registry, carrier_task_queue, default_registry
 from carriers.pool import AdapterPool
 from models.db import make_engine, migrate, setup_lock
@@ -48,9 +50,12 @@ class WorkerGroup:
     """The workflow worker and one activity worker per carrier task queue, run together, so a
     slow carrier fills its own slots only and each carrier's rate limit holds across workers."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker],
+                 closers: list[Callable[[], Awaitable[None]]] | None = None) -> None:
         self.workers = workers
         self._stack = AsyncExitStack()
+        for close in closers or []:
+            self._stack.push_async_callback(close)
 
     async def __aenter__(self) -> WorkerGroup:
         for worker in self.workers:
@@ -67,11 +72,14 @@ def build_worker(
 ) -> WorkerGroup:
     registry = registry or default_registry()
     activities = BillingActivities(engine, adapters, registry, settings.deployment_id)
+    delivery = DeliveryActivities(engine, settings.game_backend_url,
+                                  settings.game_backend_token.get_secret_value(),
+                                  settings.deployment_id, settings.game_backend_timeout_seconds)
     workers = [Worker(
         client,
         task_queue=settings.task_queue,
         workflows=WORKFLOWS,
-        activities=activities.all(),
+        activities=[*activities.all(), *delivery.all()],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
     )]
@@ -90,7 +98,7 @@ def build_worker(
             max_concurrent_activity_task_polls=settings.activity_pollers_per_carrier,
             max_task_queue_activities_per_second=rate,
         ))
-    return WorkerGroup(workers)
+    return WorkerGroup(workers, [delivery.aclose])
 
 
 async def run_worker(settings: Settings) -> None:

@@ -13,16 +13,18 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.messages import (
+    BalanceInput,
+    BalanceOutput,
     ChargeInput,
     ChargeOutput,
     LateSettlementInput,
@@ -62,6 +64,9 @@ from models.tables import (
     SubscriptionStatus,
     utcnow,
 )
+from rules.caps import first_refusal
+from rules.spend import spend_so_far
+from rules.types import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +135,22 @@ class BillingActivities:
 
     # -- shared money path --------------------------------------------------------------------
 
-    def _begin(self, spec: OperationSpec, subscriber_id: int | None) -> _Context:
+    def _begin(self, spec: OperationSpec, subscriber_id: int | None,
+               guard: Callable[[Session, Subscriber], Refusal | None] | None = None
+               ) -> _Context | Refusal:
         with Session(self._engine, expire_on_commit=False) as session:
+            if guard is not None and ops.find(session, spec.idempotency_key) is None:
+                # a new charge: the subscriber's row is locked (PostgreSQL) while the caps are
+                # read and the operation recorded, so two subscriptions cannot both slip under
+                subscriber = session.exec(
+                    select(Subscriber).where(Subscriber.id == subscriber_id).with_for_update()
+                ).first()
+                if subscriber is None:
+                    raise ConfigurationError(f"subscriber {subscriber_id} does not exist")
+                refusal = guard(session, subscriber)
+                if refusal is not None:
+                    session.rollback()
+                    return refusal
             done = ledger.find_by_key(session, spec.idempotency_key)
             subscription = session.get(Subscription, spec.subscription_id)
             if subscription is None:
@@ -241,12 +260,15 @@ class BillingActivities:
 
     async def _run(self, spec: OperationSpec, subscriber_id: int | None,
                    send: Callable[[str, str | None], Awaitable[OperationResult]],
-                   reported: CarrierReport | None, may_send: bool = True
-                   ) -> tuple[OperationResult, CarrierOperation, str | None]:
+                   reported: CarrierReport | None, may_send: bool = True,
+                   guard: Callable[[Session, Subscriber], Refusal | None] | None = None
+                   ) -> tuple[OperationResult, CarrierOperation, str | None] | Refusal:
         with _configuration_errors():
             # a carrier we cannot call is found out before anything is recorded or sent
             adapter = self._adapters.get(spec.carrier_id)
-            context = await asyncio.to_thread(self._begin, spec, subscriber_id)
+            context = await asyncio.to_thread(self._begin, spec, subscriber_id, guard)
+            if isinstance(context, Refusal):
+                return context
             operation = context.operation
             earlier = await asyncio.to_thread(self._settled_answer, operation, context.ledger_entry)
             if earlier is not None:
@@ -290,7 +312,26 @@ class BillingActivities:
                 description=charge.description,
                 reference_code=f"S{charge.subscription_id}C{charge.cycle}"))
 
-        result, operation, _ = await self._run(spec, charge.subscriber_id, send, charge.reported)
+        rules = charge.rules
+
+        def within_caps(session: Session, subscriber: Subscriber) -> Refusal | None:
+            if rules is None:
+                return None
+            assert subscriber.id is not None
+            spent = spend_so_far(session, subscriber.id, charge.subscription_id,
+                                 _aware(charge.due_at), rules.timezone)
+            in_flight = ops.charges_in_flight_minor(session, subscriber.id)
+            spent = replace(spent, day_minor=spent.day_minor + in_flight,
+                            week_minor=spent.week_minor + in_flight,
+                            month_minor=spent.month_minor + in_flight)
+            return first_refusal(charge.amount_minor, spent, rules, charge.is_subscription)
+
+        ran = await self._run(spec, charge.subscriber_id, send, charge.reported,
+                              guard=within_caps)
+        if isinstance(ran, Refusal):
+            return ChargeOutput("refused_by_rule", message=f"{ran.rule}: {ran.figure}",
+                                refusal=ran)
+        result, operation, _ = ran
         with _configuration_errors():
             await asyncio.to_thread(self._conclude, operation, result)
         return ChargeOutput(
@@ -304,7 +345,8 @@ class BillingActivities:
             if subscription is None:
                 raise ConfigurationError(f"subscription {change.subscription_id} does not exist")
             subscription.status = SubscriptionStatus(change.status)
-            if change.status in (SubscriptionStatus.CANCELLED, SubscriptionStatus.COMPLETED):
+            if change.status in (SubscriptionStatus.CANCELLED, SubscriptionStatus.COMPLETED,
+                                 SubscriptionStatus.OPT_IN_EXPIRED):
                 subscription.ended_at = change.at
             session.add(subscription)
             session.commit()
@@ -340,27 +382,57 @@ class BillingActivities:
         adapter = self._adapters.get(charge.carrier_id)
         if not adapter.supports(Capability.REFUND):
             raise NotRefundable(f"{charge.carrier_id} offers no refunds")
+        amount = charge.amount_minor if request.amount_minor is None else request.amount_minor
+        if not 0 < amount <= charge.amount_minor:
+            raise NotRefundable(f"a refund of {amount} of a charge of {charge.amount_minor}")
         spec = OperationSpec(
             idempotency_key=key, kind=LedgerKind.REFUND, carrier_id=charge.carrier_id,
             workflow_id=_workflow_id(), subscription_id=charge.subscription_id,
-            cycle=charge.cycle, amount_minor=charge.amount_minor, currency=charge.currency,
+            cycle=charge.cycle, amount_minor=amount, currency=charge.currency,
             due_at=charge.due_at)
 
         async def send(msisdn: str, _original: str | None) -> OperationResult:
             return await adapter.refund(RefundRequest(
-                idempotency_key=key, msisdn=msisdn, amount_minor=charge.amount_minor,
+                idempotency_key=key, msisdn=msisdn, amount_minor=amount,
                 currency=charge.currency, description=request.reason,
                 reference_code=f"R{request.subscription_id}C{request.cycle}",
                 original_carrier_reference=charge.carrier_reference))
 
-        result, operation, _ = await self._run(spec, None, send, request.reported)
+        ran = await self._run(spec, None, send, request.reported)
+        assert not isinstance(ran, Refusal)
+        result, operation, _ = ran
         with _configuration_errors():
             await asyncio.to_thread(self._conclude, operation, result, charge.id)
         return RefundOutput(
-            result.outcome.value, charge.amount_minor, charge.currency,
+            result.outcome.value, amount, charge.currency,
             result.carrier_reference, result.carrier_code, result.message,
             result.retry_after_seconds,
             "credentials_rejected" if _credentials_refused(result) else None)
+
+    def _msisdn(self, subscriber_id: int) -> str:
+        with Session(self._engine) as session:
+            subscriber = session.get(Subscriber, subscriber_id)
+            if subscriber is None:
+                raise ConfigurationError(f"subscriber {subscriber_id} does not exist")
+            return subscriber.msisdn
+
+    @activity.defn(name="check_balance")
+    async def check_balance(self, request: BalanceInput) -> BalanceOutput:
+        """What the subscriber can spend, where the carrier says; moves no money, so any
+        failure is an answer of "unknown" rather than a retry."""
+        with _configuration_errors():
+            adapter = self._adapters.get(request.carrier_id)
+        if not adapter.supports(Capability.BALANCE):
+            return BalanceOutput(None, f"{request.carrier_id} offers no balance look-up")
+        msisdn = await asyncio.to_thread(self._msisdn, request.subscriber_id)
+        try:
+            answer = await adapter.balance(msisdn, request.currency)
+        except Exception as exc:  # a look-up that failed says nothing
+            return BalanceOutput(None, f"balance look-up failed: {type(exc).__name__}")
+        if answer.outcome is not Outcome.SUCCEEDED or answer.amount_minor is None or (
+                answer.currency not in (None, request.currency)):
+            return BalanceOutput(None, answer.message or answer.outcome.value)
+        return BalanceOutput(answer.amount_minor)
 
     # -- operations left unsettled ------------------------------------------------------------
 
@@ -421,15 +493,18 @@ class BillingActivities:
         async def never(_msisdn: str, _original: str | None) -> OperationResult:
             raise ConfigurationError("a late settlement never sends")
 
-        result, operation, _ = await self._run(spec, None, never, request.reported,
-                                               may_send=False)
+        ran = await self._run(spec, None, never, request.reported, may_send=False)
+        assert not isinstance(ran, Refusal)
+        result, operation, _ = ran
         if result.outcome not in _FINAL:
             # a final result stored while this ran (the relay attaches later results to a
             # settlement already running) is read now rather than waiting for another
             fresh = await asyncio.to_thread(self._load, request.idempotency_key)
             if fresh.reported_outcome in ops.FINAL_OUTCOMES and (
                     fresh.reported_outcome != operation.reported_outcome):
-                result, operation, _ = await self._run(spec, None, never, None, may_send=False)
+                again = await self._run(spec, None, never, None, may_send=False)
+                assert not isinstance(again, Refusal)
+                result, operation, _ = again
         if result.outcome in _FINAL:
             refunds_entry_id = None
             if operation.kind == LedgerKind.REFUND:
@@ -453,11 +528,12 @@ class BillingActivities:
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.charge_subscription, self.record_subscription_status, self.refund_charge,
-                self.record_unsettled_operation, self.settle_unsettled_operation]
+                self.record_unsettled_operation, self.settle_unsettled_operation,
+                self.check_balance]
 
     def carrier_calls(self) -> list[Callable[..., Any]]:
         """What runs on a carrier's own task queue: the calls that wait on that carrier."""
-        return [self.charge_subscription, self.refund_charge]
+        return [self.charge_subscription, self.refund_charge, self.check_balance]
 
 
 def _aware(moment: datetime) -> datetime:

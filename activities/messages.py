@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from carriers.reports import CarrierReport
+from rules.types import ChargingRules, Refusal
 
 __all__ = ["CarrierReport"]
 
@@ -27,6 +28,10 @@ class ChargeInput:
     settling: bool = False
     # a result the carrier pushed, relayed by signal (the operation record keeps it too)
     reported: CarrierReport | None = None
+    # the subscription's rules: spend caps are checked against the ledger before the first
+    # send (None: no caps)
+    rules: ChargingRules | None = None
+    is_subscription: bool = True
 
 
 @dataclass
@@ -40,6 +45,23 @@ class ChargeOutput:
     retry_after_seconds: float | None = None
     # something operators must fix, not the subscriber: "credentials_rejected"
     issue: str | None = None
+    # outcome "refused_by_rule": nothing was sent, this rule (with its figure) stopped it
+    refusal: Refusal | None = None
+
+
+@dataclass
+class BalanceInput:
+    subscription_id: int
+    subscriber_id: int
+    carrier_id: str
+    currency: str
+
+
+@dataclass
+class BalanceOutput:
+    # None: the carrier could not say (the charge goes ahead at full price)
+    available_minor: int | None
+    message: str = ""
 
 
 @dataclass
@@ -58,6 +80,8 @@ class RefundInput:
     reported: CarrierReport | None = None
     # the refund's idempotency key (from the subscription's key prefix)
     idempotency_key: str | None = None
+    # a partial refund (None: the whole charge)
+    amount_minor: int | None = None
 
 
 @dataclass

@@ -6,7 +6,7 @@ from decimal import Decimal, InvalidOperation
 
 # ISO 4217 minor-unit exponents for the currencies the platform bills in.
 CURRENCY_EXPONENTS: dict[str, int] = {
-    "EUR": 2, "GBP": 2, "USD": 2, "CHF": 2, "PLN": 2, "SEK": 2, "NOK": 2, "DKK": 2,
+    "EUR": 2, "GBP": 2, "USD": 2, "AUD": 2, "CHF": 2, "PLN": 2, "SEK": 2, "NOK": 2, "DKK": 2,
     "ZAR": 2, "NGN": 2, "KES": 2, "EGP": 2, "TRY": 2, "BRL": 2, "MXN": 2, "INR": 2,
     "IDR": 2, "PHP": 2, "THB": 2, "MYR": 2, "AED": 2, "SAR": 2, "QAR": 2,
     "JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "XOF": 0,

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from models.tables import CarrierOperation, LedgerKind, OperationState, utcnow
+from models.tables import CarrierOperation, LedgerKind, OperationState, Subscription, utcnow
 
 
 @dataclass(frozen=True)
@@ -152,3 +152,17 @@ def unsettled_charges(session: Session, subscription_id: int) -> list[CarrierOpe
         CarrierOperation.subscription_id == subscription_id,
         CarrierOperation.kind == LedgerKind.CHARGE,
         CarrierOperation.state == OperationState.UNSETTLED)).all())
+
+
+def charges_in_flight_minor(session: Session, subscriber_id: int) -> int:
+    """What the subscriber's charges that may still debit add up to (sent, not yet answered):
+    spend caps count them, so two subscriptions cannot both slip under a cap."""
+    total = session.exec(
+        select(sa.func.coalesce(sa.func.sum(CarrierOperation.amount_minor), 0))
+        .join(Subscription, col(Subscription.id) == col(CarrierOperation.subscription_id))
+        .where(Subscription.subscriber_id == subscriber_id,
+               CarrierOperation.kind == LedgerKind.CHARGE,
+               col(CarrierOperation.state).in_([OperationState.SENDING, OperationState.PENDING,
+                                                OperationState.UNSETTLED]))
+    ).one()
+    return int(total)

@@ -32,13 +32,21 @@ class Period(StrEnum):
 
 
 class SubscriptionStatus(StrEnum):
+    PENDING_OPT_IN = "pending_opt_in"  # waits for the subscriber's consent: nothing charged
     ACTIVE = "active"
     PAST_DUE = "past_due"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"  # the retry rule gave up: no charge until resumed
     CANCELLED = "cancelled"
     COMPLETED = "completed"
+    OPT_IN_EXPIRED = "opt_in_expired"  # consent never came: nothing was ever charged
 
 
-LIVE_SUBSCRIPTION_STATUSES = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE)
+LIVE_SUBSCRIPTION_STATUSES = (SubscriptionStatus.PENDING_OPT_IN, SubscriptionStatus.ACTIVE,
+                              SubscriptionStatus.PAST_DUE, SubscriptionStatus.PAUSED,
+                              SubscriptionStatus.SUSPENDED)
+LIVE_STATUSES_SQL = "status IN ({})".format(
+    ", ".join(f"'{status.value}'" for status in LIVE_SUBSCRIPTION_STATUSES))
 
 
 class LedgerKind(StrEnum):
@@ -132,8 +140,8 @@ class Subscription(SQLModel, table=True):
             "subscriber_id",
             "product_id",
             unique=True,
-            sqlite_where=sa.text("status IN ('active', 'past_due')"),
-            postgresql_where=sa.text("status IN ('active', 'past_due')"),
+            sqlite_where=sa.text(LIVE_STATUSES_SQL),
+            postgresql_where=sa.text(LIVE_STATUSES_SQL),
         ),
     )
 

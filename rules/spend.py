@@ -33,7 +33,10 @@ def spend_so_far(session: Session, subscriber_id: int, subscription_id: int, at:
     """Net charges (a refund lowers the period of the charge it reverses, or its own when it
     names none) in the local day, week
     (from Monday) and month holding ``at``, across the subscriber's subscriptions and for
-    ``subscription_id`` alone; and the charge operations sent since local midnight."""
+    ``subscription_id`` alone; and the charge operations sent since local midnight.
+
+    Moments are the charges' ``due_at``: the workflow's clock when the attempt was made (the
+    business time, which a time-skipping test server moves; never the database's clock)."""
     require_aware(at)
     tz = ZoneInfo(timezone)
     today = local_date(at, tz)
@@ -46,7 +49,7 @@ def spend_so_far(session: Session, subscriber_id: int, subscription_id: int, at:
     # a refund counts when the charge it reverses was made: refunding December's charge in
     # January must not make room under January's cap
     reversed_charge = aliased(LedgerEntry)
-    counted_at = func.coalesce(col(reversed_charge.committed_at), col(LedgerEntry.committed_at))
+    counted_at = func.coalesce(col(reversed_charge.due_at), col(LedgerEntry.due_at))
     rows = session.exec(
         select(LedgerEntry.kind, LedgerEntry.amount_minor, counted_at,
                LedgerEntry.subscription_id)
@@ -72,8 +75,8 @@ def spend_so_far(session: Session, subscriber_id: int, subscription_id: int, at:
         .join(Subscription, col(Subscription.id) == col(CarrierOperation.subscription_id))
         .where(Subscription.subscriber_id == subscriber_id,
                CarrierOperation.kind == LedgerKind.CHARGE,
-               col(CarrierOperation.created_at) >= day[0],
-               col(CarrierOperation.created_at) < day[1])
+               col(CarrierOperation.due_at) >= day[0],
+               col(CarrierOperation.due_at) < day[1])
     ).one()
     # never below zero, whatever the ledger holds
     return SpendSoFar(day_minor=max(totals["day"], 0), week_minor=max(totals["week"], 0),

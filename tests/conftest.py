@@ -25,12 +25,16 @@ from carriers.loader import default_registry
 from models.interactions import InteractionStore
 from settings import Settings, venv_binary
 from simulators.core import SimulatorCore
+from simulators.game_backend import GameBackend, start_game_backend
 from simulators.server import sim_carriers, smsc_tariffs, start_simulator
 from simulators.smsc import Smsc
 from starter import SubscriptionClient
 from tests.postgres import free_port, private_postgres
 from worker import WorkerGroup, build_worker, make_adapter_pool, prepare_database
 from workflows import search_attributes as sa
+
+
+GAME_BACKEND_TOKEN = "test-game-backend-token"
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +94,28 @@ async def simulator(carrier_secrets: dict[str, str]) -> AsyncIterator[Simulator]
     await runner.cleanup()
 
 
+@dataclass
+class GameBackendServer:
+    backend: GameBackend
+    url: str
+
+    async def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            response = (await client.get(f"/_control/{path}") if body is None
+                        else await client.post(f"/_control/{path}", json=body))
+            response.raise_for_status()
+            return response.json()
+
+
+@pytest.fixture(scope="session")
+async def game_backend() -> AsyncIterator[GameBackendServer]:
+    """The game backend that grants what a payment bought, on its own socket."""
+    backend = GameBackend(GAME_BACKEND_TOKEN)
+    runner, port = await start_game_backend(backend)
+    yield GameBackendServer(backend, f"http://127.0.0.1:{port}")
+    await runner.cleanup()
+
+
 @pytest.fixture(scope="session")
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('db') / 'billing.db'}"
@@ -102,9 +128,12 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, str]) -> Settings:
+def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, str],
+             game_backend: GameBackendServer) -> Settings:
     callback_port = free_port()
     return Settings(
+        game_backend_url=game_backend.url,
+        game_backend_token=SecretStr(GAME_BACKEND_TOKEN),
         database_url=sqlite_url,
         task_queue=f"test-{uuid.uuid4()}",
         callback_base_url=f"http://127.0.0.1:{callback_port}",

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
@@ -21,10 +22,19 @@ with workflow.unsafe.imports_passed_through():
         charge_key,
     )
     from models.money import format_major
+    from rules import windows
     from workflows import search_attributes as sa
+    from workflows.ruled_cycle import RuledCycles
     from workflows.schedule import due_at
     from workflows.settle import OperationSettler, SettleBounds, Settled, record_unsettled
-    from workflows.types import BillingState, CycleResult, SubscriptionInput
+    from workflows.types import (
+        BillingState,
+        ChangePlanRequest,
+        CycleResult,
+        RefundCycleRequest,
+        RefundRecord,
+        SubscriptionInput,
+    )
 
 # Only our own faults (database, a worker lost) are retried inside the activity, briefly: every
 # carrier answer comes back to the workflow, which waits on durable timers and reads callbacks
@@ -42,6 +52,9 @@ RECENT_CYCLES_KEPT = 12
 UNSETTLED_KEYS_KEPT = 50
 
 ACTIVE, PAST_DUE, CANCELLED, COMPLETED = "active", "past_due", "cancelled", "completed"
+PENDING_OPT_IN, OPT_IN_EXPIRED, PAUSED = "pending_opt_in", "opt_in_expired", "paused"
+OPT_IN_TRIES = 3
+REFUND_REQUESTS_KEPT = 50
 # BillingIssue values, the most urgent first
 ISSUE_PRIORITY = ("configuration", "unsettled", "credentials_rejected")
 
@@ -54,10 +67,14 @@ class SubscriptionWorkflow:
         self._settler = OperationSettler()
         self._cancel_recorded: asyncio.Task[None] | None = None
         self._transient_issue: str | None = None
+        self._cycles = RuledCycles(self)
+        self._pin: str | None = None
         if subscription.state is not None:
             self._state = subscription.state
         else:
             anchor = subscription.first_charge_at or workflow.now()
+            if subscription.plan.trial_days:
+                anchor += timedelta(days=subscription.plan.trial_days)
             self._state = BillingState(anchor=anchor, next_cycle=1, next_charge_at=anchor,
                                        status=ACTIVE)
 
@@ -100,16 +117,192 @@ class SubscriptionWorkflow:
         if self._state.status == COMPLETED:
             raise ValueError("subscription has already completed")
 
+    @workflow.update(name="cancel_at_period_end")
+    def cancel_at_period_end(self) -> BillingState:
+        """No further charge: the subscription ends when the paid period does."""
+        self._state.cancel_at_period_end = True
+        return self._state
+
+    @cancel_at_period_end.validator
+    def _validate_cancel_at_period_end(self) -> None:
+        self._validate_cancel()
+
+    @workflow.update(name="pause")
+    async def pause(self) -> BillingState:
+        """No charge falls due while paused; a charge already under way finishes."""
+        self._state.paused = True
+        await self._persist_status(PAUSED)
+        return self._state
+
+    @pause.validator
+    def _validate_pause(self) -> None:
+        self._require_live("pause")
+        if self._state.paused:
+            raise ValueError("subscription is already paused")
+
+    @workflow.update(name="resume")
+    async def resume(self) -> BillingState:
+        """Billing starts again; a cycle that fell due meanwhile is charged now and the
+        following ones count from now."""
+        state = self._state
+        state.paused = state.suspended = False
+        if state.next_charge_at < workflow.now():
+            state.anchor, state.anchor_cycle = workflow.now(), state.next_cycle
+            state.next_charge_at = workflow.now()
+        await self._persist_status(ACTIVE)
+        return state
+
+    @resume.validator
+    def _validate_resume(self) -> None:
+        self._require_live("resume")
+        if not (self._state.paused or self._state.suspended):
+            raise ValueError("subscription is neither paused nor suspended")
+
+    @workflow.update(name="change_plan")
+    def change_plan(self, change: ChangePlanRequest) -> BillingState:
+        """The new plan takes effect from the next cycle: its due time stays, the ones after
+        follow the new period."""
+        self._state.pending_plan = change.plan
+        self._state.pending_rules = change.rules
+        return self._state
+
+    @change_plan.validator
+    def _validate_change_plan(self, change: ChangePlanRequest) -> None:
+        self._require_live("change the plan of")
+        if self._input.plan.period == "one_off" or change.plan.period == "one_off":
+            raise ValueError("a one-off purchase has no plan to change")
+        if change.plan.currency != self._input.plan.currency:
+            raise ValueError(f"the plan must be priced in {self._input.plan.currency}")
+        if change.plan.amount_minor <= 0:
+            raise ValueError("a plan's price must be positive")
+
+    @workflow.update(name="confirm_opt_in")
+    def confirm_opt_in(self, pin: str) -> BillingState:
+        """The code the subscriber typed. A wrong one counts; the third ends the opt-in."""
+        if pin.strip() == self._pin:
+            self._state.opted_in = True
+            return self._state
+        self._state.opt_in_failures += 1
+        raise ApplicationError("the code does not match", type="WrongCode")
+
+    @confirm_opt_in.validator
+    def _validate_confirm_opt_in(self, pin: str) -> None:
+        if self._state.status != PENDING_OPT_IN or self._pin is None:
+            raise ValueError("this subscription is not waiting for a code")
+        if not pin.strip().isdigit():
+            raise ValueError("a code is digits only")
+
+    @workflow.update(name="request_refund")
+    async def request_refund(self, request: RefundCycleRequest) -> RefundRecord:
+        """Refunds (part of) a charged cycle. Validated before anything is sent; the same
+        request id always gives the same refund, never a second one."""
+        state = self._state
+        earlier = next((r for r in state.refund_requests if r.request_id == request.request_id),
+                       None)
+        if earlier is not None:
+            await workflow.wait_condition(lambda: earlier.outcome != "requested")
+            return earlier
+        charged = self._charged_cycle(request.cycle)
+        assert charged is not None
+        amount = request.amount_minor or charged.amount_minor - charged.refunded_minor
+        record = RefundRecord(request.request_id, request.cycle, amount, reason=request.reason)
+        state.refund_requests.append(record)
+        del state.refund_requests[:-REFUND_REQUESTS_KEPT]
+        output = await self._cycles.refund(request.cycle, request.amount_minor, request.reason)
+        record.outcome = output.outcome if output.outcome in ("succeeded", "unsettled") \
+            else "failed"
+        return record
+
+    @request_refund.validator
+    def _validate_request_refund(self, request: RefundCycleRequest) -> None:
+        if not request.request_id.strip():
+            raise ValueError("a refund needs a request id")
+        for record in self._state.refund_requests:
+            if record.request_id == request.request_id:
+                if (record.cycle, record.amount_minor) != (
+                        request.cycle, request.amount_minor or record.amount_minor):
+                    raise ValueError(f"request id {request.request_id} was used for another "
+                                     "refund")
+                return
+        charged = self._charged_cycle(request.cycle)
+        if charged is None:
+            raise ValueError(f"cycle {request.cycle} has no charge this subscription still "
+                             "knows of")
+        if charged.refunded_minor or any(r.cycle == request.cycle and r.outcome != "failed"
+                                         for r in self._state.refund_requests):
+            raise ValueError(f"cycle {request.cycle} is already refunded")
+        if request.amount_minor is not None and not (
+                0 < request.amount_minor <= charged.amount_minor):
+            raise ValueError(f"a refund must be between 0 and the {charged.amount_minor} "
+                             f"charged for cycle {request.cycle}")
+
+    def _charged_cycle(self, cycle: int) -> CycleResult | None:
+        for result in self._state.recent_cycles:
+            if result.cycle == cycle and result.outcome == "succeeded" and result.amount_minor:
+                return result
+        return None
+
+    def _require_live(self, action: str) -> None:
+        if self._state.status in (CANCELLED, COMPLETED, OPT_IN_EXPIRED) or (
+                self._state.cancel_requested):
+            raise ValueError(f"cannot {action} a subscription that has ended")
+
+    # -- what RuledCycles borrows -------------------------------------------------------------
+
+    @property
+    def billing(self) -> BillingState:
+        return self._state
+
+    @property
+    def subscription(self) -> SubscriptionInput:
+        return self._input
+
+    def key(self, cycle: int, slot: int) -> str:
+        return self._key(cycle, slot)
+
+    def key_prefix(self) -> str:
+        return self._input.key_prefix or f"sub-{self._input.subscription_id}"
+
+    async def sleep_until(self, when: datetime, summary: str) -> bool:
+        return await self._sleep_until(when, summary)
+
+    async def charge(self, charge: ChargeInput, summary: str) -> Settled[ChargeOutput]:
+        return await self._charge(charge, summary)
+
+    async def settle_unsettled(self, charge: ChargeInput, settled: Settled[ChargeOutput]
+                               ) -> Settled[ChargeOutput] | None:
+        late = await self._leave_unsettled(charge.idempotency_key, settled.reason,
+                                           settled.kind == "error")
+        if late is None or late.state != "settled" or late.outcome is None:
+            return None
+        return Settled("final", ChargeOutput(late.outcome, late.carrier_reference))
+
+    def remember(self, result: CycleResult) -> None:
+        self._remember(result)
+
+    def set_status(self, status: str) -> None:
+        self._set_status(status)
+
     # -- the billing loop ---------------------------------------------------------------------
 
     @workflow.run
     async def run(self, subscription: SubscriptionInput) -> BillingState:
         state = self._state
         cycles_this_run = 0
+        if subscription.rules is not None and not await self._consent():
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            return state
         while not state.cancel_requested:
-            if not await self._sleep_until(state.next_charge_at, f"cycle {state.next_cycle} due"):
-                break
-            await self._bill_cycle(state.next_cycle, state.next_charge_at)
+            if subscription.rules is not None:
+                if not await self._before_cycle():
+                    break
+                subscription = self._input
+                await self._cycles.bill(state.next_cycle, state.next_charge_at)
+            else:
+                if not await self._sleep_until(state.next_charge_at,
+                                               f"cycle {state.next_cycle} due"):
+                    break
+                await self._bill_cycle(state.next_cycle, state.next_charge_at)
             cycles_this_run += 1
             if subscription.plan.period == "one_off":
                 if state.cancel_requested:
@@ -128,14 +321,100 @@ class SubscriptionWorkflow:
                     lambda: workflow.all_handlers_finished() or state.cancel_requested)
                 if not state.cancel_requested:
                     state.runs += 1
-                    workflow.continue_as_new(replace(subscription, state=state))
+                    workflow.continue_as_new(replace(self._input, state=state))
         await self._record_cancellation()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return state
 
     def _due(self, cycle: int) -> datetime:
-        plan = self._input.plan
-        return due_at(self._state.anchor, plan.period, cycle, plan.interval_seconds)
+        plan, state = self._input.plan, self._state
+        due = due_at(state.anchor, plan.period, cycle - state.anchor_cycle + 1,
+                     plan.interval_seconds)
+        if self._input.rules is not None:
+            due = windows.local_charge_time(due, self._input.rules)
+        return due
+
+    async def _consent(self) -> bool:
+        """Double opt-in where the rules ask for it: a one-time code by SMS, typed back before
+        the deadline. Without it nothing is ever charged. False: the subscription ended."""
+        rules, state = self._input.rules, self._state
+        assert rules is not None
+        if rules.opt_in == "none" or state.opted_in or state.runs > 1:
+            if state.runs == 1 and state.next_cycle == 1 and rules.welcome_text:
+                await self._welcome()
+            return True
+        await self._persist_status(PENDING_OPT_IN)
+        digits = max(rules.pin_digits, 4)
+        self._pin = f"{workflow.random().randrange(10 ** digits):0{digits}d}"
+        state.opt_in_deadline = workflow.now() + timedelta(seconds=rules.opt_in_deadline_seconds)
+        await self._cycles.notify("opt_in_pin", f"{self.key_prefix()}-optin",
+                                  {"pin": self._pin,
+                                   "price": self._cycles.price_text(self._input.plan.amount_minor)})
+        try:
+            await workflow.wait_condition(
+                lambda: state.opted_in or state.cancel_requested
+                or state.opt_in_failures >= OPT_IN_TRIES,
+                timeout=rules.opt_in_deadline_seconds, timeout_summary="opt-in deadline")
+        except TimeoutError:
+            pass
+        self._pin = None
+        if state.opted_in and not state.cancel_requested:
+            await self._persist_status(ACTIVE)
+            if rules.welcome_text:
+                await self._welcome()
+            # the first charge follows the consent, never precedes it
+            if state.next_charge_at < workflow.now():
+                state.anchor, state.next_charge_at = workflow.now(), workflow.now()
+            return True
+        if state.cancel_requested:
+            await self._record_cancellation()
+            return False
+        why = (f"{state.opt_in_failures} wrong codes" if state.opt_in_failures >= OPT_IN_TRIES
+               else f"no code within {rules.opt_in_deadline_seconds // 60} minutes")
+        self._cycles.decide("refused", f"{rules.country_code}.opt_in", f"opt-in failed: {why}")
+        await self._finish(OPT_IN_EXPIRED)
+        return False
+
+    async def _welcome(self) -> None:
+        await self._cycles.notify("welcome", f"{self.key_prefix()}-welcome",
+                                  {"price": self._cycles.price_text(self._input.plan.amount_minor)})
+
+    async def _before_cycle(self) -> bool:
+        """Everything before a ruled cycle's charge: the renewal reminder, the due time, a
+        pause, a cancel at the period's end, a plan change. False: stop billing."""
+        state, rules = self._state, self._input.rules
+        assert rules is not None
+        cycle = state.next_cycle
+        days = rules.renewal_reminder_days_before or (3 if rules.monthly_reminder else None)
+        if days and cycle > 1 and self._input.plan.period == "monthly":
+            remind_at = state.next_charge_at - timedelta(days=days)
+            if remind_at > workflow.now():
+                if not await self._sleep_until(remind_at, f"cycle {cycle} reminder"):
+                    return False
+                if not (state.paused or state.suspended or state.cancel_at_period_end):
+                    await self._cycles.notify(
+                        "renewal_reminder", f"{self.key_prefix()}-n{cycle}",
+                        {"price": self._cycles.price_text(self._input.plan.amount_minor),
+                         "date": state.next_charge_at.date().isoformat()})
+        if not await self._sleep_until(state.next_charge_at, f"cycle {cycle} due"):
+            return False
+        if state.paused or state.suspended:
+            await workflow.wait_condition(
+                lambda: not (state.paused or state.suspended) or state.cancel_requested)
+            if state.cancel_requested:
+                return False
+            if not await self._sleep_until(state.next_charge_at, f"cycle {cycle} due"):
+                return False
+        if state.cancel_at_period_end:
+            state.cancel_requested = True
+            return False
+        if state.pending_plan is not None:
+            plan, rules = state.pending_plan, state.pending_rules or rules
+            self._input = replace(self._input, plan=plan, rules=rules,
+                                  price_point_id=plan.price_point_id or self._input.price_point_id)
+            state.pending_plan = state.pending_rules = None
+            state.anchor, state.anchor_cycle = state.next_charge_at, cycle
+        return True
 
     async def _sleep_until(self, when: datetime, summary: str) -> bool:
         """Sleeps on a durable timer until ``when``; False if a cancel arrived first."""
@@ -288,6 +567,14 @@ class SubscriptionWorkflow:
             return
         self._state.status = status
         workflow.upsert_search_attributes([sa.SUBSCRIPTION_STATUS.value_set(status)])
+
+    async def _persist_status(self, status: str) -> None:
+        """A status the database must hold too (it keeps one live subscription per product)."""
+        self._set_status(status)
+        await workflow.execute_activity_method(
+            BillingActivities.record_subscription_status,
+            StatusInput(self._input.subscription_id, status, workflow.now()),
+            start_to_close_timeout=timedelta(seconds=30), summary=f"mark subscription {status}")
 
     async def _finish(self, status: str) -> None:
         await workflow.execute_activity_method(

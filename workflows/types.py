@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from rules.types import ChargingRules
+
 
 @dataclass
 class Plan:
@@ -18,6 +20,30 @@ class Plan:
     settle_delays_seconds: list[float] = field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0])
     # how long a pending charge is settled before it is left unsettled (carrier data)
     settle_deadline_seconds: float = 2 * 86400.0
+    # a free trial: the first charge falls this many days after the start
+    trial_days: int = 0
+    price_point_id: str = ""
+
+
+@dataclass
+class RuleDecision:
+    """A rule that stopped or moved a charge, with its name and the figure that decided."""
+
+    at: datetime
+    kind: str  # postponed | refused
+    rule: str
+    detail: str
+    cycle: int = 0
+
+
+@dataclass
+class RefundRecord:
+    request_id: str
+    cycle: int
+    amount_minor: int
+    # requested | succeeded | unsettled | failed
+    outcome: str = "requested"
+    reason: str = ""
 
 
 @dataclass
@@ -31,6 +57,12 @@ class CycleResult:
     attempts: int
     carrier_reference: str | None = None
     carrier_code: str | None = None
+    # what was charged (less than the price: a partial payment) and refunded of it
+    amount_minor: int = 0
+    refunded_minor: int = 0
+    partial: bool = False
+    # delivered | refunded (delivery failed, money returned) | None: not delivered (yet)
+    delivery: str | None = None
 
 
 @dataclass
@@ -56,6 +88,28 @@ class BillingState:
     billing_issue: str | None = None
     # the latest error of ours (configuration) that stopped a charge, until an operator acts
     configuration_error: str | None = None
+    # -- flows run by rules (subscriptions started with ChargingRules) ----------------------
+    # due times count from (anchor, anchor_cycle): a resume or a plan change moves the anchor
+    anchor_cycle: int = 1
+    postponements: int = 0
+    refusals: int = 0
+    partial_payments: int = 0
+    deliveries: int = 0
+    delivery_failures: int = 0
+    refunds: int = 0
+    refunded_minor: int = 0
+    retries_day: str = ""
+    retries_on_day: int = 0
+    decisions: list[RuleDecision] = field(default_factory=list)
+    paused: bool = False
+    suspended: bool = False
+    cancel_at_period_end: bool = False
+    pending_plan: Plan | None = None
+    pending_rules: ChargingRules | None = None
+    opted_in: bool = False
+    opt_in_deadline: datetime | None = None
+    opt_in_failures: int = 0
+    refund_requests: list[RefundRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +130,25 @@ class SubscriptionInput:
     carrier_task_queue: str | None = None
     # set only when continuing as new
     state: BillingState | None = None
+    # country, carrier and product rules (None: a plain timer, as before rules existed)
+    rules: ChargingRules | None = None
+    locale: str = "en"
+
+
+@dataclass
+class ChangePlanRequest:
+    price_point_id: str
+    plan: Plan
+    rules: ChargingRules | None = None
+
+
+@dataclass
+class RefundCycleRequest:
+    request_id: str
+    cycle: int
+    # None: everything charged for the cycle that is not yet refunded
+    amount_minor: int | None = None
+    reason: str = "customer refund"
 
 
 @dataclass
@@ -88,3 +161,5 @@ class RefundRequestInput:
     idempotency_key: str | None = None
     settle_deadline_seconds: float = 2 * 86400.0
     carrier_task_queue: str | None = None
+    # a partial refund (None: the whole charge)
+    amount_minor: int | None = None
