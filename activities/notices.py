@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy.engine import Engine
@@ -166,7 +167,9 @@ class NoticeActivities:
             if subscriber is None:
                 raise ApplicationError(f"no subscriber {notice.subscriber_id}",
                                        type="ConfigurationError", non_retryable=True)
-            defaults: dict[str, str] = {"support": self._routes.default_support}
+            # a receipt says when: the day it is sent, unless the workflow names one
+            defaults: dict[str, str] = {"support": self._routes.default_support,
+                                        "date": datetime.now(UTC).date().isoformat()}
             subscription = (session.get(Subscription, notice.subscription_id)
                             if notice.subscription_id is not None else None)
             price = session.get(PricePoint, subscription.price_point_id) if subscription else None

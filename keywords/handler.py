@@ -48,9 +48,9 @@ class Subscriptions(Protocol):
     async def cancel_subscription(self, subscription_id: int) -> BillingState: ...
 
 
-def notice_key(kind: str, subscription_id: int) -> str:
-    """The key of a subscription's one-off notice (welcome): whoever sends it, it goes once."""
-    return f"notice-{kind}-s{subscription_id}"
+def welcome_key(key_prefix: str) -> str:
+    """The welcome's key, the one the subscription workflow sends it under: it goes once."""
+    return f"{key_prefix}-welcome"
 
 
 def reply_key(row: InboundSms) -> str:
@@ -69,10 +69,10 @@ class _Held:
 class MoHandler:
     def __init__(self, subscriptions: Subscriptions, sms_sender: NoticeSender, engine: Engine,
                  registry: Registry, routes: KeywordRoutes | None = None,
-                 welcome_on_subscribe: bool = True) -> None:
+                 welcome_on_subscribe: bool = False) -> None:
         self._subscriptions = subscriptions
-        # False when the subscription workflow sends the welcome itself (after an opt-in);
-        # either way it goes under notice_key("welcome", id), so at most once
+        # the subscription workflow sends the welcome itself (after the opt-in where there is
+        # one); True only where it does not. Either way under the workflow's key: at most once
         self._welcome = welcome_on_subscribe
         self._sender = sms_sender
         self._engine = engine
@@ -146,8 +146,7 @@ class MoHandler:
             await self._reply(row, action, "refused")
             return f"refused: {exc}"
         if self._welcome:
-            await self._send(notice_key("welcome", int(started.subscription_id)), row, action,
-                             "welcome")
+            await self._send(welcome_key(str(started.key_prefix)), row, action, "welcome")
         return f"started {started.workflow_id}"
 
     async def _stop(self, row: InboundSms, action: KeywordAction, held: list[_Held]) -> str:

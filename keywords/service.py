@@ -151,22 +151,25 @@ class MoService:
 
 
 def build_mo_service(client: Client, engine: Engine, registry: Registry, adapters: AdapterPool,
-                     settings: Settings, routes: KeywordRoutes | None = None) -> MoService:
+                     settings: Settings, routes: KeywordRoutes | None = None,
+                     welcome_on_subscribe: bool = False) -> MoService:
     """The handler (starting and cancelling subscriptions through ``client``, answering
     through the carriers' SMSCs) and the service the SMPP adapters hand texts to."""
     subscriptions = SubscriptionClient(client, engine, registry, settings.task_queue,
                                        settings.deployment_id)
     handler = MoHandler(subscriptions, NoticeSender(engine, adapters, registry), engine,
-                        registry, routes)
+                        registry, routes, welcome_on_subscribe)
     return MoService(handler, engine)
 
 
 async def attach_mobile_originated(client: Client, engine: Engine, registry: Registry,
                                    adapters: AdapterPool, settings: Settings,
-                                   routes: KeywordRoutes | None = None) -> MoService:
+                                   routes: KeywordRoutes | None = None,
+                                   welcome_on_subscribe: bool = False) -> MoService:
     """Builds the service, makes it every SMPP adapter's sink for texts, and queues the texts
     a previous run stored but did not act on. Call before ``adapters.start_sessions()``."""
-    service = build_mo_service(client, engine, registry, adapters, settings, routes)
+    service = build_mo_service(client, engine, registry, adapters, settings, routes,
+                               welcome_on_subscribe)
     for carrier in registry.carriers.values():
         if carrier.protocol == "smpp":
             adapter = adapters.get(carrier.id)

@@ -147,6 +147,24 @@ async def test_a_carrier_without_smpp_uses_the_platform_channel_or_none(
     assert await no_debits(simulator, "gb-mersey", msisdn)
 
 
+async def test_a_receipt_as_the_workflow_asks_for_it(
+        notices: NoticeActivities, phone: Phone, engine: Engine,  # noqa: F811
+        simulator: Simulator) -> None:
+    """The subscription workflow names the price only; the day is the day it is sent."""
+    from datetime import UTC, datetime
+
+    msisdn, subscriber_id, subscription_id = await asyncio.to_thread(
+        subscribed, engine, "gb-mersey", "gb-mersey-pass-weekly", "en_GB")
+    result = await ActivityEnvironment().run(notices.send_notice, NoticeInput(
+        subscription_id, subscriber_id, "gb-mersey", "receipt", "en_GB", {"price": "3.00 GBP"},
+        f"s{subscription_id}-c1-a0-receipt"))
+    today = datetime.now(UTC).date().isoformat()
+    assert result.text == (f"Game Pass: payment of 3.00 GBP received on {today}. Thank you. "
+                           "To stop, text STOP to 84422.")
+    assert [r["text"] for r in await phone.received(msisdn)] == [result.text]
+    assert await no_debits(simulator, "gb-mersey", msisdn)
+
+
 async def test_a_notice_kind_without_a_template_is_a_configuration_error(
         notices: NoticeActivities, engine: Engine) -> None:
     _, subscriber_id, subscription_id = await asyncio.to_thread(
