@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     game_backend_token: SecretStr = SecretStr("dev-game-backend-token")
     game_backend_timeout_seconds: float = 5.0
 
+    # the SMPP carrier entry whose SMSC sends the platform's free notices (welcome, receipt,
+    # opt-in code) to subscribers of carriers that have no SMSC of their own; None: none
+    notice_carrier_id: str | None = None
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -15,6 +15,7 @@ from temporalio.worker import Worker
 
 from activities.billing import BillingActivities
 from activities.delivery import DeliveryActivities
+from activities.notices import NoticeActivities
 from carriers.loader import Registry, carrier_task_queue, default_registry
 from carriers.pool import AdapterPool
 from models.db import make_engine, migrate, setup_lock
@@ -75,11 +76,12 @@ def build_worker(
     delivery = DeliveryActivities(engine, settings.game_backend_url,
                                   settings.game_backend_token.get_secret_value(),
                                   settings.deployment_id, settings.game_backend_timeout_seconds)
+    notices = NoticeActivities(engine, adapters, registry, settings.notice_carrier_id)
     workers = [Worker(
         client,
         task_queue=settings.task_queue,
         workflows=WORKFLOWS,
-        activities=[*activities.all(), *delivery.all()],
+        activities=[*activities.all(), *delivery.all(), notices.send_notice],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
     )]

@@ -44,8 +44,12 @@ async def subscribe_to(client: SubscriptionClient, price_point_id: str, msisdn: 
 async def until(env: WorkflowEnvironment, handle: WorkflowHandle[Any, Any],
                 done: Callable[[BillingState], bool], step: timedelta = timedelta(minutes=10),
                 rounds: int = 400) -> BillingState:
-    """Moves time on in steps until ``done(state)``."""
+    """Moves time on (to the next charge first, then in steps) until ``done(state)``."""
     state: BillingState = await handle.query(SubscriptionWorkflow.state)
+    ahead = state.next_charge_at - await env.get_current_time()
+    if ahead > timedelta(0) and not done(state):
+        await env.sleep(ahead)
+        state = await handle.query(SubscriptionWorkflow.state)
     for _ in range(rounds):
         if done(state):
             return state

@@ -34,7 +34,8 @@ with workflow.unsafe.imports_passed_through():
 MAX_SETTLE_ATTEMPTS = 200
 # sends refused outright (nothing happened) before the cycle is given up as not charged
 MAX_TRANSIENT_ATTEMPTS = 200
-FINAL = ("succeeded", "insufficient_funds", "rejected")
+# (refused_by_rule: our own rule stopped the charge before anything was recorded or sent)
+FINAL = ("succeeded", "insufficient_funds", "rejected", "refused_by_rule")
 
 
 class SettlementAbandoned(ApplicationError):

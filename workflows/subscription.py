@@ -11,6 +11,11 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # modules whose dataclasses cross the payload converter must be in the sandbox's own
+    # module table: type hints are resolved there
+    import activities.delivery_messages  # noqa: F401
+    import activities.notices  # noqa: F401
+    import rules.types  # noqa: F401
     from activities.billing import BillingActivities
     from activities.messages import (
         CarrierReport,
@@ -54,6 +59,7 @@ UNSETTLED_KEYS_KEPT = 50
 ACTIVE, PAST_DUE, CANCELLED, COMPLETED = "active", "past_due", "cancelled", "completed"
 PENDING_OPT_IN, OPT_IN_EXPIRED, PAUSED = "pending_opt_in", "opt_in_expired", "paused"
 OPT_IN_TRIES = 3
+CALENDAR_PERIODS = ("daily", "weekly", "monthly")
 REFUND_REQUESTS_KEPT = 50
 # BillingIssue values, the most urgent first
 ISSUE_PRIORITY = ("configuration", "unsettled", "credentials_rejected")
@@ -330,7 +336,8 @@ class SubscriptionWorkflow:
         plan, state = self._input.plan, self._state
         due = due_at(state.anchor, plan.period, cycle - state.anchor_cycle + 1,
                      plan.interval_seconds)
-        if self._input.rules is not None:
+        if self._input.rules is not None and plan.period in CALENDAR_PERIODS:
+            # renewals at the carrier's best local hour (an interval plan keeps its pace)
             due = windows.local_charge_time(due, self._input.rules)
         return due
 
