@@ -18,6 +18,7 @@ from activities.delivery import DeliveryActivities
 from activities.notices import NoticeActivities
 from carriers.loader import Registry, carrier_task_queue, default_registry
 from carriers.pool import AdapterPool
+from keywords.service import attach_mobile_originated
 from models.db import make_engine, migrate, setup_lock
 from models.interactions import InteractionStore
 from models.seed import seed_reference_data
@@ -110,6 +111,9 @@ async def run_worker(settings: Settings) -> None:
     adapters = make_adapter_pool(registry, settings, engine, client)
     for carrier_id in registry.carriers:  # a promise an adapter cannot keep stops the start
         adapters.get(carrier_id)
+    # texts from subscribers (JOIN, STOP, HELP, a PIN) reach the platform through the SMSCs
+    mobile_originated = await attach_mobile_originated(client, engine, registry, adapters,
+                                                       settings)
     adapters.start_sessions()
     try:
         stop = asyncio.Event()
@@ -122,6 +126,7 @@ async def run_worker(settings: Settings) -> None:
             await stop.wait()
             logging.info("worker stopping: finishing the tasks in hand")
     finally:
+        await mobile_originated.aclose()
         await adapters.aclose()
         engine.dispose()
 

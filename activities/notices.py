@@ -170,6 +170,8 @@ class NoticeActivities:
             # a receipt says when: the day it is sent, unless the workflow names one
             defaults: dict[str, str] = {"support": self._routes.default_support,
                                         "date": datetime.now(UTC).date().isoformat()}
+            if self._routes.default_short_code:
+                defaults["short_code"] = self._routes.default_short_code
             subscription = (session.get(Subscription, notice.subscription_id)
                             if notice.subscription_id is not None else None)
             price = session.get(PricePoint, subscription.price_point_id) if subscription else None

@@ -73,6 +73,8 @@ class KeywordRoutes:
     keywords: dict[str, tuple[ActionKind, tuple[str, ...]]]
     # the support contact of notices that name no short code of ours
     default_support: str
+    # the platform's own short code, named in notices of carriers without one of ours
+    default_short_code: str | None = None
 
     def for_price_point(self, price_point_id: str) -> ShortCodeRoute | None:
         return next((r for r in self.short_codes.values()
@@ -174,11 +176,14 @@ def load_routes(path: Path = ROUTES_FILE, registry: Registry | None = None) -> K
     if unknown:
         raise _fail(path, sorted(unknown)[0], "unknown table")
     defaults = data.get("defaults")
-    if not isinstance(defaults, dict) or set(defaults) != {"support"}:
-        raise _fail(path, "defaults", "must be a table with exactly: support")
+    if not isinstance(defaults, dict) or "support" not in defaults or (
+            set(defaults) - {"support", "short_code"}):
+        raise _fail(path, "defaults", "must be a table of support and, optionally, short_code")
+    short_code = (_text(path, defaults, "defaults", "short_code")
+                  if "short_code" in defaults else None)
     return KeywordRoutes(_short_codes(path, data.get("short_codes"), registry or default_registry()),
                          _keywords(path, data.get("languages")),
-                         _text(path, defaults, "defaults", "support"))
+                         _text(path, defaults, "defaults", "support"), short_code)
 
 
 @lru_cache(maxsize=1)

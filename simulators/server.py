@@ -63,11 +63,15 @@ def smsc_tariffs(registry: Registry) -> dict[str, dict[str, Decimal]]:
             for c in registry.carriers.values() if c.protocol == "smpp"}
 
 
-def build_app(core: SimulatorCore, registry: Registry | None = None) -> web.Application:
+def build_app(core: SimulatorCore, registry: Registry | None = None,
+              smsc: Smsc | None = None) -> web.Application:
     """Every HTTP family's carriers; the families that read carrier data (service paths,
-    password types, fault codes) read it from ``registry`` (default: ours)."""
+    password types, fault codes) read it from ``registry`` (default: ours). With ``smsc``, its
+    control endpoints too (texts from subscribers, the SMS a phone received)."""
     app = web.Application()
     core.add_routes(app)
+    if smsc is not None:
+        smsc.add_routes(app)
     for family in FAMILIES.values():
         family(core).add_routes(app)
     for data_family in DATA_FAMILIES:
@@ -76,10 +80,11 @@ def build_app(core: SimulatorCore, registry: Registry | None = None) -> web.Appl
 
 
 async def start_simulator(core: SimulatorCore, host: str = "127.0.0.1",
-                          port: int = 0, registry: Registry | None = None
-                          ) -> tuple[web.AppRunner, int]:
+                          port: int = 0, registry: Registry | None = None,
+                          smsc: Smsc | None = None) -> tuple[web.AppRunner, int]:
     """Starts the server in the running loop; returns the runner and the port bound."""
-    runner = web.AppRunner(build_app(core, registry), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(core, registry, smsc), access_log=None,
+                           handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -112,7 +117,7 @@ def main() -> None:
 
 
 async def serve(core: SimulatorCore, smsc: Smsc, host: str, port: int, smpp_port: int) -> None:
-    runner, _ = await start_simulator(core, host, port)
+    runner, _ = await start_simulator(core, host, port, smsc=smsc)
     await smsc.start(host, smpp_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -33,7 +33,6 @@ from tests.postgres import free_port, private_postgres
 from worker import WorkerGroup, build_worker, make_adapter_pool, prepare_database
 from workflows import search_attributes as sa
 
-
 GAME_BACKEND_TOKEN = "test-game-backend-token"
 
 
@@ -86,8 +85,8 @@ async def simulator(carrier_secrets: dict[str, str]) -> AsyncIterator[Simulator]
     """The HTTP carriers and the SMSC, sharing one set of books."""
     registry = default_registry()
     core = SimulatorCore(sim_carriers(registry, carrier_secrets), Decimal("1000"))
-    runner, port = await start_simulator(core)
     smsc = Smsc(core, smsc_tariffs(registry))
+    runner, port = await start_simulator(core, smsc=smsc)
     smpp_port = await smsc.start()
     yield Simulator(core, f"http://127.0.0.1:{port}", f"127.0.0.1:{smpp_port}")
     await smsc.stop()
@@ -133,6 +132,8 @@ def settings(sqlite_url: str, simulator: Simulator, carrier_secrets: dict[str, s
     callback_port = free_port()
     return Settings(
         game_backend_url=game_backend.url,
+        # the platform's notices (opt-in codes, receipts) to numbers of carriers without an SMSC
+        notice_carrier_id="gb-mersey",
         game_backend_token=SecretStr(GAME_BACKEND_TOKEN),
         database_url=sqlite_url,
         task_queue=f"test-{uuid.uuid4()}",

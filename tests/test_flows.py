@@ -3,10 +3,13 @@ the simulators over real sockets. Every test ends with our ledger equal to the c
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -443,3 +446,102 @@ async def test_cancel_at_period_end_charges_nothing_more(
     assert final.charges_succeeded == 1 and final.next_cycle == 2
     assert len(ledger_of(engine, sid)) == 1
     await assert_books_match(simulator, engine, "es-iberica", msisdn, [sid])
+
+
+# -- opt-in --------------------------------------------------------------------------------------
+
+
+async def texts_to(simulator: Simulator, msisdn: str) -> list[str]:
+    received = await simulator.control(f"sms?msisdn={quote(msisdn)}")
+    return [m["text"] for m in received if m["direction"] == "notice"]
+
+
+async def pin_sent_to(simulator: Simulator, msisdn: str) -> str:
+    """The code in the text the subscriber's phone received (it may still be on its way)."""
+    for _ in range(50):
+        for text in await texts_to(simulator, msisdn):
+            found = re.search(r"\b(\d{5,8})\b", text)
+            if found:
+                return found.group(1)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no code among {await texts_to(simulator, msisdn)}")
+
+
+async def test_italy_bills_only_after_the_code_sent_by_sms_is_typed_back(
+    temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings, worker: Any,
+    simulator: Simulator,
+) -> None:
+    """AGCOM 10/21/CONS: activation needs the number and a one-time code of 5+ digits."""
+    client = ruled_client(temporal_env, engine, settings)
+    msisdn = new_msisdn("it-tirreno", "flows-it-opt-in")
+    due = await next_weekday(temporal_env, "Europe/Rome", 11, days_ahead=0)
+    started = await subscribe_to(client, "it-tirreno-pass-monthly", msisdn,
+                                 first_charge_at=due.astimezone(UTC))
+    sid = started.subscription_id
+    handle = client.handle(sid)
+    state = await until(temporal_env, handle, lambda s: s.status == "pending_opt_in",
+                        step=timedelta(seconds=5), rounds=20)
+    pin = await pin_sent_to(simulator, msisdn)
+    assert len(pin) >= 5
+    with pytest.raises(SubscriptionRequestError, match="does not match"):
+        await client.confirm_opt_in(sid, "0" * len(pin) if pin != "0" * len(pin) else "1" * len(pin))
+    with pytest.raises(SubscriptionRequestError, match="digits only"):
+        await client.confirm_opt_in(sid, "12a45")
+    assert operations_of(engine, sid) == []
+    state = await client.confirm_opt_in(sid, pin)
+    assert state.opted_in
+    state = await until(temporal_env, handle, lambda s: s.charges_succeeded == 1,
+                        step=timedelta(hours=1), rounds=200)
+    assert state.status == "active"
+    texts = await texts_to(simulator, msisdn)
+    assert len(texts) >= 2  # the code, then the welcome
+    await client.cancel_subscription(sid)
+    await assert_books_match(simulator, engine, "it-tirreno", msisdn, [sid])
+
+
+async def test_an_opt_in_never_confirmed_expires_and_nothing_is_ever_charged(
+    temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings, worker: Any,
+    simulator: Simulator,
+) -> None:
+    client = ruled_client(temporal_env, engine, settings)
+    msisdn = new_msisdn("it-tirreno", "flows-it-expired")
+    started = await subscribe_to(client, "it-tirreno-pass-monthly", msisdn)
+    sid = started.subscription_id
+    handle = client.handle(sid)
+    state = await until(temporal_env, handle, lambda s: s.status == "opt_in_expired",
+                        step=timedelta(minutes=2), rounds=20)
+    decision = state.decisions[-1]
+    assert (decision.rule, decision.kind) == ("IT.opt_in", "refused")
+    assert "no code within 10 minutes" in decision.detail
+    with pytest.raises(SubscriptionRequestError, match="not running"):
+        await client.confirm_opt_in(sid, await pin_sent_to(simulator, msisdn))
+    assert operations_of(engine, sid) == [] and ledger_of(engine, sid) == []
+    with Session(engine) as session:
+        row = session.get(Subscription, sid)
+        assert row is not None and row.status == "opt_in_expired"
+    # the product's one live subscription slot is free again
+    again = await subscribe_to(client, "it-tirreno-pass-monthly", msisdn)
+    await client.cancel_subscription(again.subscription_id)
+    await assert_books_match(simulator, engine, "it-tirreno", msisdn, [sid])
+
+
+async def test_three_wrong_codes_end_the_opt_in(
+    temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings, worker: Any,
+    simulator: Simulator,
+) -> None:
+    client = ruled_client(temporal_env, engine, settings)
+    msisdn = new_msisdn("it-tirreno", "flows-it-wrong")
+    started = await subscribe_to(client, "it-tirreno-pass-monthly", msisdn)
+    sid = started.subscription_id
+    handle = client.handle(sid)
+    await until(temporal_env, handle, lambda s: s.status == "pending_opt_in",
+                step=timedelta(seconds=5), rounds=20)
+    pin = await pin_sent_to(simulator, msisdn)
+    wrong = str((int(pin) + 1) % 10 ** len(pin)).zfill(len(pin))
+    for _ in range(3):
+        with pytest.raises(SubscriptionRequestError, match="does not match"):
+            await client.confirm_opt_in(sid, wrong)
+    state = await until(temporal_env, handle, lambda s: s.status == "opt_in_expired",
+                        step=timedelta(seconds=5), rounds=20)
+    assert "3 wrong codes" in state.decisions[-1].detail
+    assert operations_of(engine, sid) == []
