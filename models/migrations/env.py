@@ -3,9 +3,9 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-import models.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 import models.delivery  # noqa: F401
 import models.inbound_sms  # noqa: F401
+import models.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 from models.db import make_engine
 
 config = context.config
