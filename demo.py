@@ -1,9 +1,13 @@
 """`make demo`: the whole platform on this machine, billing a few hundred subscriptions live.
 
-Starts the Temporal dev server (UI on http://localhost:8233), the OneAPI carrier simulator
-(with random faults), and a worker; starts subscriptions on 10-second demo plans across the
-registry's carriers; shows progress; then prints a summary checked against the simulator's books.
-Ctrl-C stops everything it started.
+Starts the Temporal dev server (UI on http://localhost:8233), the carrier simulators (with
+random faults), the game backend, the callback receiver and a worker; starts subscriptions on
+10-second demo plans across the registry's countries, each billed under its country's rules at
+this moment's local time (countries outside their charging hours are postponed, not charged);
+subscribers type back the opt-in codes they receive by SMS; a few are short of credit (retries,
+the price ladder), a few are refused by the game (their payment is refunded), a few ask for a
+refund. Shows progress, then prints a summary counted from the ledger and the workflows and
+checked against the simulator's books. Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -12,15 +16,18 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -43,15 +50,22 @@ from models.tables import (
     LedgerKind,
     OperationState,
     Period,
-    PricePoint,
     SmppSubmission,
     Subscription,
 )
+from rules import windows
+from rules.resolve import resolve_rules
+from rules.types import ChargingRules
 from settings import PROJECT_ROOT, Settings
-from starter import StartSubscriptionRequest, SubscriptionClient
+from starter import StartSubscriptionRequest, SubscriptionClient, SubscriptionRequestError
+from workflows.subscription import SubscriptionWorkflow
+from workflows.types import BillingState
 
 DATA_DIR = PROJECT_ROOT / ".data" / "demo"
 SIM_PORT = 8701
+# the SMSC that sends the platform's texts (opt-in codes, receipts) to every carrier's numbers
+NOTICE_CARRIER = "gb-mersey"
+REFUNDS_ASKED = 5
 console = Console(width=None if sys.stdout.isatty() else 110)
 
 
@@ -61,17 +75,40 @@ class DemoPlan:
     product_id: str
     amount_minor: int
     currency: str
+    rules: ChargingRules
+    # the country's charging window is open at this moment
+    open_now: bool
 
 
-def demo_plans(registry: Registry) -> list[DemoPlan]:
+def demo_plans(registry: Registry, now: datetime) -> list[DemoPlan]:
     plans = []
     for carrier in registry.carriers.values():
         currency = registry.currency_of(carrier.id)
+        country = registry.country_of(carrier.id)
         for price in carrier.price_points:
-            if price.period is Period.INTERVAL:
-                plans.append(DemoPlan(carrier, price.product,
-                                      registry.amount_minor(carrier.id, price), currency))
+            if price.period is not Period.INTERVAL:
+                continue
+            amount = registry.amount_minor(carrier.id, price)
+            rules = resolve_rules(country.code, carrier.id, price.product, amount,
+                                  Period.INTERVAL.value, carrier.timezone)
+            if rules.blocked:
+                continue
+            plans.append(DemoPlan(carrier, price.product, amount, currency, rules,
+                                  windows.next_allowed(now, rules) is None))
     return plans
+
+
+def population(plans: list[DemoPlan], count: int, rng: random.Random) -> list[DemoPlan]:
+    """Mostly plans whose country may be charged now; a sixth outside its hours, to show
+    charges postponed by the rules rather than sent."""
+    open_plans = [p for p in plans if p.open_now] or plans
+    closed = [p for p in plans if not p.open_now]
+    chosen = []
+    for index in range(count):
+        pool = closed if closed and index % 6 == 5 else open_plans
+        chosen.append(pool[(index // 6 + index) % len(pool)] if pool is open_plans
+                      else rng.choice(pool))
+    return chosen
 
 
 def progress_table(engine: Engine, started: int, elapsed: float, seconds: int) -> Table:
@@ -97,82 +134,187 @@ def progress_table(engine: Engine, started: int, elapsed: float, seconds: int) -
     return table
 
 
+@dataclass
+class DemoSubscriber:
+    subscription_id: int
+    msisdn: str
+    plan: DemoPlan
+    # types back the opt-in code it receives (a few never do)
+    confirms: bool = True
+    confirmed: bool = False
+
+
 async def start_all(client: SubscriptionClient, registry: Registry, count: int,
-                    sim_url: str, rng: random.Random) -> list[int]:
-    plans = demo_plans(registry)
+                    sim_url: str, game_url: str, rng: random.Random, now: datetime
+                    ) -> list[DemoSubscriber]:
+    plans = population(demo_plans(registry, now), count, rng)
     taken: set[str] = set()
-    ids: list[int] = []
-    async with httpx.AsyncClient(base_url=sim_url) as sim:
-        for index in range(count):
-            plan = plans[index % len(plans)]
+    started_subscribers: list[DemoSubscriber] = []
+    async with httpx.AsyncClient(base_url=sim_url) as sim, \
+            httpx.AsyncClient(base_url=game_url) as game:
+        for plan in plans:
             msisdn = sample_msisdn(plan.carrier, registry, rng, taken)
             roll = rng.random()
-            if roll < 0.12:  # a few subscribers run short of credit: retries, some fail
-                balance = to_decimal(plan.amount_minor * rng.randint(0, 3), plan.currency)
+            if plan.rules.balance_policy == "ladder" and roll < 0.3:
+                # enough for a lower price point, not the full price: a partial payment
+                balance = to_decimal(plan.rules.ladder_minor[-1] + 1, plan.currency)
+            elif roll < 0.1:  # short of credit: refused, retried on the country's schedule
+                balance = to_decimal(plan.amount_minor * rng.randint(0, 1), plan.currency)
+            else:
+                balance = None
+            if balance is not None:
                 await sim.post("/_control/accounts", json={
                     "carrier": plan.carrier.id, "msisdn": msisdn, "balance": str(balance)})
             started = await client.start_subscription(StartSubscriptionRequest(
                 msisdn=msisdn, product_id=plan.product_id, amount_minor=plan.amount_minor,
                 currency=plan.currency, period=Period.INTERVAL, carrier_id=plan.carrier.id))
-            ids.append(started.subscription_id)
-    return ids
+            if rng.random() < 0.03:  # the game has closed this player's account
+                subscriber = await asyncio.to_thread(subscriber_id_of, client.engine,
+                                                     started.subscription_id)
+                await game.post("/_control/faults", json={
+                    "kind": "refuse", "subscriber_ref": f"{client.deployment_id}-{subscriber}"})
+            started_subscribers.append(DemoSubscriber(
+                started.subscription_id, msisdn, plan, confirms=rng.random() > 0.04))
+    return started_subscribers
 
 
-async def summary(client: SubscriptionClient, engine: Engine, ids: list[int],
-                  sim_url: str) -> None:
-    per_carrier: dict[str, Counter[str]] = defaultdict(Counter)
+def subscriber_id_of(engine: Engine, subscription_id: int) -> int:
+    with Session(engine) as session:
+        subscription = session.get(Subscription, subscription_id)
+        assert subscription is not None
+        return subscription.subscriber_id
+
+
+PIN = re.compile(r"\b(\d{4,8})\b")
+
+
+async def type_back_codes(client: SubscriptionClient, subscribers: list[DemoSubscriber],
+                          sim_url: str) -> None:
+    """What subscribers do with the code they receive by SMS: type it back (a few never)."""
+    async with httpx.AsyncClient(base_url=sim_url, timeout=10) as sim:
+        while True:
+            waiting = [s for s in subscribers if s.confirms and not s.confirmed]
+            for subscriber in waiting[:50]:
+                texts = (await sim.get("/_control/sms", params={
+                    "msisdn": subscriber.msisdn})).json()
+                codes = [m.group(1) for t in texts if t["direction"] == "notice"
+                         for m in [PIN.search(t["text"])] if m]
+                if not codes:
+                    continue
+                try:
+                    await client.confirm_opt_in(subscriber.subscription_id, codes[-1])
+                except SubscriptionRequestError:
+                    pass  # not (or no longer) waiting for a code
+                subscriber.confirmed = True
+            await asyncio.sleep(1)
+
+
+async def ask_for_refunds(client: SubscriptionClient, subscribers: list[DemoSubscriber],
+                          how_many: int) -> int:
+    """A few subscribers ask for half of a charge back; the workflow validates each."""
+    done = 0
+    for subscriber in subscribers:
+        if done >= how_many:
+            break
+        if not subscriber.plan.carrier.protocol.startswith(("oneapi", "parlayx", "camara")):
+            continue
+        try:
+            state = await client.handle(subscriber.subscription_id).query(
+                SubscriptionWorkflow.state)
+        except RPCError:
+            continue
+        paid = [c for c in state.recent_cycles if c.outcome == "succeeded"
+                and c.amount_minor > 1 and not c.refunded_minor]
+        if not paid:
+            continue
+        try:
+            await asyncio.wait_for(client.request_refund(
+                subscriber.subscription_id, paid[0].cycle, paid[0].amount_minor // 2,
+                request_id=f"demo-{subscriber.subscription_id}-{paid[0].cycle}",
+                reason="goodwill"), 30)
+            done += 1
+        except (SubscriptionRequestError, TimeoutError, RPCError, WorkflowUpdateFailedError):
+            continue
+    return done
+
+
+async def summary(client: SubscriptionClient, engine: Engine,
+                  subscribers: list[DemoSubscriber], sim_url: str) -> bool:
+    """Prints the figures, counted from the ledger and the workflows' states, and whether the
+    ledger equals the carrier simulator's books; True if it does."""
+    states: list[BillingState] = []
     limiter = asyncio.Semaphore(20)
 
     async def state_of(sid: int) -> None:
         async with limiter:
-            view = await client.describe_subscription(sid)
-        with Session(engine) as session:
-            carrier = session.exec(
-                select(PricePoint.carrier_id).join(Subscription)
-                .where(Subscription.id == sid)).one()
-        retried = sum(1 for c in view.recent_cycles if c["attempts"] > 1)
-        per_carrier[carrier].update(failed=view.cycles_failed, retried=retried)
+            try:
+                states.append(await asyncio.wait_for(
+                    client.handle(sid).query(SubscriptionWorkflow.state), 10))
+            except (RPCError, TimeoutError):
+                pass
 
-    await asyncio.gather(*(state_of(sid) for sid in ids))
+    await asyncio.gather(*(state_of(s.subscription_id) for s in subscribers))
     with Session(engine) as session:
-        rows = session.exec(
-            select(LedgerEntry.carrier_id, LedgerEntry.currency, func.count(),
-                   func.sum(LedgerEntry.amount_minor))
-            .where(LedgerEntry.kind == LedgerKind.CHARGE)
-            .group_by(LedgerEntry.carrier_id, LedgerEntry.currency)
+        rows = session.execute(
+            sa.select(col(LedgerEntry.carrier_id), col(LedgerEntry.currency),
+                      col(LedgerEntry.kind), func.count(), func.sum(LedgerEntry.amount_minor))
+            .group_by(col(LedgerEntry.carrier_id), col(LedgerEntry.currency),
+                      col(LedgerEntry.kind))
         ).all()
+    ledger: dict[tuple[str, str], dict[str, tuple[int, int]]] = defaultdict(dict)
+    for carrier_id, currency, kind, count, total in rows:
+        ledger[(carrier_id, currency)][str(kind)] = (int(count), int(total))
     books = httpx.get(f"{sim_url}/_control/books", timeout=30).json()
-    open_amounts = open_debits(engine, books)
+    open_charges = open_debits(engine, books, LedgerKind.CHARGE)
+    open_refunds = open_debits(engine, books, LedgerKind.REFUND)
     table = Table(title="Summary (ledger checked against the carrier simulator's books)")
-    for column in ("carrier", "currency", "charges ok", "cycles retried", "cycles failed",
-                   "revenue", "carrier books", "unsettled", "match"):
+    for column in ("carrier", "currency", "charges", "refunds", "net", "carrier books",
+                   "unsettled", "match"):
         table.add_column(column, justify="right")
     all_match = True
-    for carrier_id, currency, count, total in sorted(rows):
-        booked = sum((Decimal(t["amount"]) for t in books[carrier_id]["transactions"]
-                      if t["kind"] == "charge"), Decimal(0))
-        unsettled = open_amounts.get(carrier_id, Decimal(0))
-        # every debit is in the ledger, or listed as unsettled (a late result or
+    for (carrier_id, currency), kinds in sorted(ledger.items()):
+        charges, charged = kinds.get(LedgerKind.CHARGE.value, (0, 0))
+        refunds, refunded = kinds.get(LedgerKind.REFUND.value, (0, 0))
+        booked = {kind: sum((Decimal(t["amount"]) for t in books[carrier_id]["transactions"]
+                             if t["kind"] == kind), Decimal(0)) for kind in ("charge", "refund")}
+        unsettled = open_charges.get(carrier_id, Decimal(0))
+        # every debit and credit is in the ledger, or listed as unsettled (a late result or
         # reconciliation settles it): nothing lost, nothing twice
-        match = to_decimal(int(total), currency) + unsettled == booked
+        match = (to_decimal(charged, currency) + unsettled == booked["charge"]
+                 and to_decimal(refunded, currency) + open_refunds.get(carrier_id, Decimal(0))
+                 == booked["refund"])
         all_match &= match
-        counts = per_carrier.get(carrier_id, Counter())
-        table.add_row(carrier_id, currency, str(count), str(counts["retried"]),
-                      str(counts["failed"]), format_major(int(total), currency),
-                      format_major(from_decimal(booked, currency), currency),
+        net = booked["charge"] - booked["refund"]
+        table.add_row(carrier_id, currency, str(charges), str(refunds),
+                      format_major(charged - refunded, currency),
+                      format_major(from_decimal(net, currency), currency),
                       format_major(from_decimal(unsettled, currency), currency)
                       if unsettled else "", "yes" if match else "NO")
     console.print(table)
-    console.print("ledger plus listed unsettled charges equals the carrier books to the cent"
-                  if all_match else "[red]ledger and carrier books differ[/red]")
+    figures = {
+        "subscriptions": len(subscribers),
+        "charges": sum(k.get(LedgerKind.CHARGE.value, (0, 0))[0] for k in ledger.values()),
+        "partial payments": sum(st.partial_payments for st in states),
+        "retries": sum(st.insufficient_funds_retries for st in states),
+        "postponed": sum(st.postponements for st in states),
+        "refused by rule": sum(st.refusals for st in states),
+        "opt-ins confirmed": sum(1 for st in states if st.opted_in),
+        "delivered": sum(st.deliveries for st in states),
+        "refunds": sum(k.get(LedgerKind.REFUND.value, (0, 0))[0] for k in ledger.values()),
+        "unsettled": sum(st.unsettled_count for st in states),
+    }
+    for name, value in figures.items():
+        console.print(f"{name}: {value}")
+    console.print(f"books match: {'yes' if all_match else 'no'}")
+    return all_match
 
 
-def open_debits(engine: Engine, books: dict[str, Any]) -> dict[str, Decimal]:
-    """Per carrier, what the carrier debited for charges we have not settled (unsettled or
+def open_debits(engine: Engine, books: dict[str, Any], kind: LedgerKind) -> dict[str, Decimal]:
+    """Per carrier, what the carrier booked for operations we have not settled (unsettled or
     still settling), found in its books by our key (SMPP: by the message id we were given)."""
     with Session(engine) as session:
         open_ops = session.exec(select(CarrierOperation).where(
-            CarrierOperation.kind == LedgerKind.CHARGE,
+            CarrierOperation.kind == kind,
             col(CarrierOperation.state).in_([OperationState.UNSETTLED, OperationState.PENDING,
                                              OperationState.SENDING]))).all()
         message_ids = {(r.carrier_id, r.idempotency_key): r.message_id
@@ -183,7 +325,7 @@ def open_debits(engine: Engine, books: dict[str, Any]) -> dict[str, Decimal]:
         if message_ids.get((op.carrier_id, op.idempotency_key)):
             keys.add(f"smpp-{message_ids[(op.carrier_id, op.idempotency_key)]}")
         for t in books.get(op.carrier_id, {}).get("transactions", []):
-            if t["kind"] == "charge" and t["clientCorrelator"] in keys:
+            if t["kind"] == kind.value and t["clientCorrelator"] in keys:
                 amounts[op.carrier_id] += Decimal(t["amount"])
     return dict(amounts)
 
@@ -238,30 +380,44 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     console.print("starting the carrier simulators (HTTP and SMSC) with 5% random faults …")
     simulator_urls = stack.start_simulator(SIM_PORT, chaos_rate=0.05, default_balance="1000")
     sim_url = simulator_urls["sim"]
+    console.print("starting the game backend …")
+    game_url = stack.start_game_backend()
     settings = Settings(database_url=db_url, simulator_urls=simulator_urls,
-                        carrier_secrets=stack.carrier_secrets)
+                        carrier_secrets=stack.carrier_secrets, game_backend_url=game_url,
+                        notice_carrier_id=NOTICE_CARRIER)
     migrate(db_url)
     engine = make_engine(db_url)
     seed_reference_data(engine, registry)
     env = stack.env(CB_DATABASE_URL=db_url,
-                    CB_SIMULATOR_URLS=json.dumps(simulator_urls))
+                    CB_SIMULATOR_URLS=json.dumps(simulator_urls),
+                    CB_GAME_BACKEND_URL=game_url, CB_NOTICE_CARRIER_ID=NOTICE_CARRIER)
     console.print("starting the callback receiver and a worker …")
     stack.start_callback_receiver(env)
     stack.start_worker("worker", env)
 
     client = await SubscriptionClient.connect(settings)
-    console.print(f"starting {args.subscriptions} subscriptions on 10-second demo plans …")
-    ids = await start_all(client, registry, args.subscriptions, sim_url, rng)
+    now = datetime.now(UTC)
+    console.print(f"starting {args.subscriptions} subscriptions on 10-second demo plans, "
+                  "each under its country's rules at this moment's local time …")
+    subscribers = await start_all(client, registry, args.subscriptions, sim_url, game_url,
+                                  rng, now)
+    ids = [s.subscription_id for s in subscribers]
+    typing = asyncio.create_task(type_back_codes(client, subscribers, sim_url))
     began = time.monotonic()
+    refunds_asked = False
     try:
         with Live(progress_table(engine, len(ids), 0, args.seconds), console=console,
                   refresh_per_second=2) as live:
             while (elapsed := time.monotonic() - began) < args.seconds:
                 stack.check_alive()
                 await asyncio.sleep(1)
+                if not refunds_asked and elapsed > args.seconds / 2:
+                    refunds_asked = True
+                    await ask_for_refunds(client, subscribers, REFUNDS_ASKED)
                 live.update(progress_table(engine, len(ids), elapsed, args.seconds))
     except asyncio.CancelledError:  # the first Ctrl-C: wind down and still show the summary
         console.print("\nCtrl-C: winding down (Ctrl-C again stops at once) …")
+    typing.cancel()
     console.print("cancelling the subscriptions …")
     cancel_began = time.monotonic()
     unanswered = await cancel_all(client, ids)
@@ -271,9 +427,9 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
                      f"{unanswered[:10]}" if unanswered else ""))
     open_left = await wait_for_settlement(engine, SETTLE_WAIT_SECONDS)
     if open_left:
-        console.print(f"{open_left} charges still settling after {SETTLE_WAIT_SECONDS} s: "
+        console.print(f"{open_left} operations still settling after {SETTLE_WAIT_SECONDS} s: "
                       "they are counted as open below")
-    await summary(client, engine, ids, sim_url)
+    await summary(client, engine, subscribers, sim_url)
     console.print("\nTemporal UI: [bold]http://localhost:8233[/bold]  "
                   "(try the query: SubscriptionStatus = 'cancelled' AND CountryCode = 'JP')")
 
@@ -284,8 +440,8 @@ def main() -> None:
     parser.add_argument("--subscriptions", type=int, default=300)
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--no-hold", action="store_true",
-                        help="stop everything right after the summary")
+    parser.add_argument("--no-hold", "--exit", dest="no_hold", action="store_true",
+                        help="wind down and exit after the summary")
     args = parser.parse_args()
     stack = Stack(DATA_DIR)
     try:

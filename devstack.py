@@ -94,6 +94,15 @@ class Stack:
         wait_for_port(smpp_port)
         return {"sim": f"http://127.0.0.1:{port}", "smpp": f"127.0.0.1:{smpp_port}"}
 
+    def start_game_backend(self, port: int = 8703) -> str:
+        """The game backend that grants what payments bought; returns its URL."""
+        if not port_is_free(port):
+            raise RuntimeError(f"port {port} is taken: is another game backend running?")
+        self.spawn("game-backend", [sys.executable, "-m", "simulators.game_backend", "--port",
+                                    str(port)])
+        wait_for_port(port)
+        return f"http://127.0.0.1:{port}"
+
     def start_worker(self, name: str, env: dict[str, str]) -> None:
         self.spawn(name, [sys.executable, str(PROJECT_ROOT / "worker.py")], env)
 

@@ -31,6 +31,7 @@ from tests.workflow_helpers import (
     subscribe_to,
     until,
 )
+from workflows import search_attributes as sa
 from workflows.subscription import SubscriptionWorkflow
 from workflows.types import BillingState
 
@@ -545,3 +546,26 @@ async def test_three_wrong_codes_end_the_opt_in(
                         step=timedelta(seconds=5), rounds=20)
     assert "3 wrong codes" in state.decisions[-1].detail
     assert operations_of(engine, sid) == []
+
+
+async def test_a_refused_delivery_on_a_carrier_without_refunds_is_shown_as_a_refund_owed(
+    no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, game_backend: GameBackendServer, settings: Settings,
+) -> None:
+    """Premium SMS cannot be refunded through the carrier: the money is owed and an operator
+    sees it (BillingIssue refund_owed), never silently kept."""
+    msisdn = new_msisdn("gb-mersey", "flows-owed")
+    due = await next_weekday(temporal_env, "Europe/London", 11)
+    started = await subscribe_to(no_opt_in, "gb-mersey-pass-weekly", msisdn,
+                                 first_charge_at=due.astimezone(UTC))
+    subscriber = subscriber_of(engine, started.subscription_id)
+    await game_backend.control("faults", {
+        "kind": "refuse", "subscriber_ref": f"{settings.deployment_id}-{subscriber}"})
+    handle = no_opt_in.handle(started.subscription_id)
+    state = await until(temporal_env, handle, lambda s: bool(s.refunds_owed),
+                        step=timedelta(hours=1), rounds=48)
+    assert state.refunds_owed == [1] and state.billing_issue == "refund_owed"
+    assert state.recent_cycles[-1].delivery == "not_delivered"
+    described = await handle.describe()
+    assert described.typed_search_attributes.get(sa.BILLING_ISSUE) == "refund_owed"
+    await no_opt_in.cancel_subscription(started.subscription_id)

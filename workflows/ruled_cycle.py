@@ -87,6 +87,7 @@ class Host(Protocol):
                                ) -> Settled[ChargeOutput] | None: ...
     def remember(self, result: CycleResult) -> None: ...
     def set_status(self, status: str) -> None: ...
+    def refresh_issue(self) -> None: ...
 
 
 @dataclass
@@ -231,6 +232,7 @@ class RuledCycles:
             attempt.slot += 1
             if attempt.rung + 1 < len(rungs):
                 attempt.rung += 1  # down the ladder at once: same moment, lower price
+                state.insufficient_funds_retries += 1
                 continue
             outcome = await self._after_short_funds(cycle, attempt, rules, attempt.rung)
             if outcome is not None:
@@ -311,6 +313,7 @@ class RuledCycles:
             self._host.set_status("active")
             return False
         until = cap_rules.next_cap_reset(workflow.now(), refusal, rules)
+        self._host.billing.refusals += 1  # refused now, postponed to the cap's roll-over
         self.decide("postponed", refusal.rule,
                     f"postponed: {refusal.figure}, until {until.isoformat()}", cycle)
         if not await self._host.sleep_until(until, f"postponed: {refusal.rule}"):
@@ -388,7 +391,14 @@ class RuledCycles:
         except ActivityError as err:
             workflow.logger.error("revoking %s failed: %s", key, err.cause or err)
         refunded = await self.refund(cycle_result.cycle, None, f"not delivered: {reason}"[:200])
-        cycle_result.delivery = "refunded" if refunded.outcome == "succeeded" else "not_delivered"
+        if refunded.outcome == "succeeded":
+            cycle_result.delivery = "refunded"
+            return
+        # paid and not delivered, and the carrier did not take the refund: owed, and shown
+        cycle_result.delivery = "not_delivered"
+        state.refunds_owed.append(cycle_result.cycle)
+        del state.refunds_owed[:-DECISIONS_KEPT]
+        host.refresh_issue()
 
     async def refund(self, cycle: int, amount_minor: int | None, reason: str) -> RefundOutput:
         """Refunds (part of) a cycle's charge through the carrier: a child workflow whose id

@@ -62,7 +62,7 @@ OPT_IN_TRIES = 3
 CALENDAR_PERIODS = ("daily", "weekly", "monthly")
 REFUND_REQUESTS_KEPT = 50
 # BillingIssue values, the most urgent first
-ISSUE_PRIORITY = ("configuration", "unsettled", "credentials_rejected")
+ISSUE_PRIORITY = ("configuration", "refund_owed", "unsettled", "credentials_rejected")
 
 
 @workflow.defn(name="SubscriptionWorkflow")
@@ -288,6 +288,9 @@ class SubscriptionWorkflow:
 
     def set_status(self, status: str) -> None:
         self._set_status(status)
+
+    def refresh_issue(self) -> None:
+        self._refresh_issue()
 
     # -- the billing loop ---------------------------------------------------------------------
 
@@ -548,6 +551,7 @@ class SubscriptionWorkflow:
     def _refresh_issue(self) -> None:
         present = {
             "configuration": self._state.configuration_error is not None,
+            "refund_owed": bool(self._state.refunds_owed),
             "unsettled": self._state.unsettled_count > 0 or bool(self._state.unsettled_keys),
             "credentials_rejected": self._transient_issue == "credentials_rejected",
         }

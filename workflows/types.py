@@ -91,7 +91,9 @@ class BillingState:
     # -- flows run by rules (subscriptions started with ChargingRules) ----------------------
     # due times count from (anchor, anchor_cycle): a resume or a plan change moves the anchor
     anchor_cycle: int = 1
+    # charges moved to a later moment (window, maintenance, balance, a cap's roll-over)
     postponements: int = 0
+    # charges a rule refused (a cap, a barred product, retries spent, no opt-in)
     refusals: int = 0
     partial_payments: int = 0
     deliveries: int = 0
@@ -110,6 +112,9 @@ class BillingState:
     opt_in_deadline: datetime | None = None
     opt_in_failures: int = 0
     refund_requests: list[RefundRecord] = field(default_factory=list)
+    # cycles charged but not delivered whose refund the carrier did not take (it offers none,
+    # or refused it): owed to the subscriber, shown as BillingIssue "refund_owed"
+    refunds_owed: list[int] = field(default_factory=list)
 
 
 @dataclass
