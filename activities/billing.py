@@ -396,7 +396,8 @@ class BillingActivities:
                 idempotency_key=key, msisdn=msisdn, amount_minor=amount,
                 currency=charge.currency, description=request.reason,
                 reference_code=f"R{request.subscription_id}C{request.cycle}",
-                original_carrier_reference=charge.carrier_reference))
+                original_carrier_reference=charge.carrier_reference,
+                original_amount_minor=charge.amount_minor))
 
         ran = await self._run(spec, None, send, request.reported)
         assert not isinstance(ran, Refusal)

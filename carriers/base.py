@@ -52,6 +52,8 @@ class RefundRequest(BaseModel):
     description: str
     reference_code: str
     original_carrier_reference: str
+    # what the refunded charge was: less than this is a partial refund (None: unknown, whole)
+    original_amount_minor: int | None = Field(default=None, gt=0)
 
 
 class StatusRequest(BaseModel):

@@ -278,12 +278,20 @@ class CamaraAdapter(HttpAdapter):
             else f"/payments/{payment_id}/refunds"
 
     async def refund(self, request: RefundRequest) -> OperationResult:
-        """createRefund of the Carrier Billing Refund API: a total refund (the whole charge of
-        one cycle), whose ``refundAmount`` names no amount: the operator refunds the payment."""
-        body = {"type": "total", "reason": request.description,
+        """createRefund of the Carrier Billing Refund API. The whole charge is a ``total``
+        refund, whose ``refundAmount`` names no amount (the operator refunds the payment); less
+        than the charge is a ``partial`` one, which must name its amount."""
+        partial = (request.original_amount_minor is not None
+                   and request.amount_minor < request.original_amount_minor)
+        refund_amount: dict[str, Any] = {}
+        if partial:
+            refund_amount = {"chargingInformation": {
+                "amount": float(to_decimal(request.amount_minor, request.currency)),
+                "currency": request.currency, "description": request.description}}
+        body = {"type": "partial" if partial else "total", "reason": request.description,
                 "amountTransaction": {"clientCorrelator": request.idempotency_key,
                                       "referenceCode": request.reference_code,
-                                      "refundAmount": {}},
+                                      "refundAmount": refund_amount},
                 **self._sink(request.idempotency_key)}
         return await self._post("refund", request.idempotency_key,
                                 self._refund_path(request.original_carrier_reference), body,

@@ -25,6 +25,7 @@ from settings import Settings
 from starter import RulesResolver, SubscriptionClient, SubscriptionRequestError
 from tests.conftest import GameBackendServer, Simulator
 from tests.workflow_helpers import (
+    REGISTRY,
     assert_books_match,
     ledger_of,
     new_msisdn,
@@ -569,3 +570,30 @@ async def test_a_refused_delivery_on_a_carrier_without_refunds_is_shown_as_a_ref
     described = await handle.describe()
     assert described.typed_search_attributes.get(sa.BILLING_ISSUE) == "refund_owed"
     await no_opt_in.cancel_subscription(started.subscription_id)
+
+
+@pytest.mark.parametrize("price_point", ["br-ipe-pass-monthly", "za-karoo-pass-monthly",
+                                         "de-alpen-pass-monthly", "es-cobromovil-pass-monthly"])
+async def test_a_partial_refund_moves_exactly_its_amount_on_every_family(
+    no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment, price_point: str,
+) -> None:
+    """CAMARA needs a 'partial' refund naming its amount (a 'total' one returns the whole
+    payment); the other families name the amount always."""
+    carrier_id = price_point.rsplit("-pass-", 1)[0]
+    zone = REGISTRY.carriers[carrier_id].timezone
+    msisdn = new_msisdn(carrier_id, f"flows-partial-refund-{price_point}")
+    due = await next_weekday(temporal_env, zone, 12)
+    started = await subscribe_to(no_opt_in, price_point, msisdn,
+                                 first_charge_at=due.astimezone(UTC))
+    sid = started.subscription_id
+    state = await until(temporal_env, no_opt_in.handle(sid), lambda s: s.charges_succeeded == 1,
+                        step=timedelta(hours=1), rounds=48)
+    charged = state.recent_cycles[-1].amount_minor
+    record = await no_opt_in.request_refund(sid, 1, amount_minor=charged // 3,
+                                            request_id=f"third-{sid}")
+    assert record.outcome == "succeeded", record
+    refunds = [e.amount_minor for e in ledger_of(engine, sid) if e.kind == "refund"]
+    assert refunds == [charged // 3]
+    await no_opt_in.cancel_subscription(sid)
+    await assert_books_match(simulator, engine, carrier_id, msisdn, [sid])
