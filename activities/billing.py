@@ -184,7 +184,8 @@ class BillingActivities:
         return await send()
 
     def _conclude(self, operation: CarrierOperation, result: OperationResult,
-                  refunds_entry_id: int | None = None) -> None:
+                  refunds_entry_id: int | None = None,
+                  list_price_minor: int | None = None) -> None:
         """Writes what the answer means: the ledger entry and the settled record for a final
         answer; retryable after an outright refusal; pending otherwise."""
         key = operation.idempotency_key
@@ -197,7 +198,8 @@ class BillingActivities:
                     subscription_id=operation.subscription_id, cycle=operation.cycle,
                     carrier_id=operation.carrier_id, amount_minor=operation.amount_minor,
                     currency=operation.currency, carrier_reference=result.carrier_reference,
-                    refunds_entry_id=refunds_entry_id, due_at=operation.due_at))
+                    refunds_entry_id=refunds_entry_id, due_at=operation.due_at,
+                    list_price_minor=list_price_minor))
             if result.outcome in _FINAL:
                 ops.transition(session, key, OperationState.SETTLED,
                                outcome=result.outcome.value,
@@ -333,7 +335,8 @@ class BillingActivities:
                                 refusal=ran)
         result, operation, _ = ran
         with _configuration_errors():
-            await asyncio.to_thread(self._conclude, operation, result)
+            await asyncio.to_thread(self._conclude, operation, result, None,
+                                    charge.list_price_minor)
         return ChargeOutput(
             result.outcome.value, result.carrier_reference, result.carrier_code, result.message,
             result.retry_after_seconds,

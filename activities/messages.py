@@ -32,6 +32,8 @@ class ChargeInput:
     # send (None: no caps)
     rules: ChargingRules | None = None
     is_subscription: bool = True
+    # the cycle's full price when this charge asks less (a partial payment down the ladder)
+    list_price_minor: int | None = None
 
 
 @dataclass

@@ -170,7 +170,7 @@ class LedgerEntry(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(unique=True, max_length=128)
-    kind: LedgerKind = Field(sa_type=sa.String(8))
+    kind: LedgerKind = Field(sa_type=sa.String(16))
     subscription_id: int = Field(foreign_key="subscription.id", index=True)
     cycle: int
     carrier_id: str = Field(foreign_key="carrier.id", index=True)
@@ -179,6 +179,9 @@ class LedgerEntry(SQLModel, table=True):
     carrier_reference: str
     # the charge a refund reverses
     refunds_entry_id: int | None = Field(default=None, foreign_key="ledgerentry.id")
+    # a charge's full price for its cycle: less charged is a partial payment (None: the
+    # entry's amount is the price, as before partial payments existed)
+    list_price_minor: int | None = None
     due_at: datetime = Field(sa_type=sa.DateTime(timezone=True))
     committed_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
 

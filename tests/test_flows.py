@@ -269,7 +269,7 @@ async def test_a_short_balance_is_charged_down_the_price_ladder_as_a_partial_pay
     cycle = state.recent_cycles[-1]
     assert (cycle.amount_minor, cycle.partial, cycle.delivery) == (4450, True, "delivered")
     [entry] = ledger_of(engine, started.subscription_id)
-    assert entry.amount_minor == 4450
+    assert (entry.amount_minor, entry.list_price_minor) == (4450, 8900)  # recorded as partial
     books = await game_backend.control("books")
     grants = [g for g in books["entitlements"] if g["grant_id"].startswith(started.key_prefix)]
     assert len(grants) == 1 and grants[0]["until"]  # half a month of service, not a month
@@ -420,9 +420,9 @@ async def test_pause_holds_billing_and_resume_charges_the_cycle_then_counts_from
     assert (await handle.query(SubscriptionWorkflow.state)).charges_succeeded == 1
     resumed = await no_opt_in.resume(sid)
     assert resumed.status == "active"
-    state = await until(temporal_env, handle, lambda s: s.charges_succeeded == 2,
+    state = await until(temporal_env, handle, lambda s: s.next_cycle == 3,
                         step=timedelta(hours=1), rounds=48)
-    assert state.next_cycle == 3
+    assert state.charges_succeeded == 2
     resumed_at = state.recent_cycles[-1].due_at
     assert resumed_at > due + timedelta(days=45)
     await no_opt_in.cancel_subscription(sid)
@@ -597,3 +597,55 @@ async def test_a_partial_refund_moves_exactly_its_amount_on_every_family(
     assert refunds == [charged // 3]
     await no_opt_in.cancel_subscription(sid)
     await assert_books_match(simulator, engine, carrier_id, msisdn, [sid])
+
+
+async def test_a_partial_payments_remainder_is_collected_later_where_the_carrier_says_so(
+    no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment,
+) -> None:
+    """mx-maya: ladder 100 % / 50 % / 25 % after a balance check; remainder collect_later
+    (za-springbok, by contrast, writes it off)."""
+    msisdn = new_msisdn("mx-maya", "flows-remainder")
+    await simulator.set_balance("mx-maya", msisdn, "50.00")
+    due = await next_weekday(temporal_env, "America/Mexico_City", 12)
+    started = await subscribe_to(no_opt_in, "mx-maya-pass-monthly", msisdn,
+                                 first_charge_at=due.astimezone(UTC))
+    sid = started.subscription_id
+    handle = no_opt_in.handle(sid)
+    await until(temporal_env, handle, lambda s: s.partial_payments == 1,
+                step=timedelta(minutes=30), rounds=48)
+    assert [e.amount_minor for e in ledger_of(engine, sid)] == [4450]
+    await simulator.set_balance("mx-maya", msisdn, "200.00")
+    state = await until(temporal_env, handle, lambda s: s.remainders_collected == 1,
+                        step=timedelta(hours=1), rounds=72)
+    entries = ledger_of(engine, sid)
+    assert [(e.amount_minor, e.list_price_minor) for e in entries] == [(4450, 8900),
+                                                                       (4450, 8900)]
+    assert state.amount_charged_minor == 8900 and state.deliveries == 2
+    await no_opt_in.cancel_subscription(sid)
+    await assert_books_match(simulator, engine, "mx-maya", msisdn, [sid])
+
+
+async def test_a_balance_below_the_price_postpones_where_the_carrier_says_so(
+    no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
+    temporal_env: WorkflowEnvironment,
+) -> None:
+    """kw-dasman: balance look-up, policy postpone: no charge is sent that would fail."""
+    msisdn = new_msisdn("kw-dasman", "flows-balance-postpone")
+    await simulator.set_balance("kw-dasman", msisdn, "0.500")
+    due = await next_weekday(temporal_env, "Asia/Kuwait", 11)
+    started = await subscribe_to(no_opt_in, "kw-dasman-pass-monthly", msisdn,
+                                 first_charge_at=due.astimezone(UTC))
+    sid = started.subscription_id
+    handle = no_opt_in.handle(sid)
+    state = await until(temporal_env, handle, lambda s: s.postponements >= 1,
+                        step=timedelta(minutes=30), rounds=48)
+    decision = next(d for d in state.decisions if d.rule == "kw-dasman.balance_policy")
+    assert "below the price" in decision.detail
+    assert operations_of(engine, sid) == []  # nothing sent that would have failed
+    await simulator.set_balance("kw-dasman", msisdn, "10.000")
+    state = await until(temporal_env, handle, lambda s: s.charges_succeeded == 1,
+                        step=timedelta(hours=1), rounds=72)
+    assert [e.amount_minor for e in ledger_of(engine, sid)] == [1250]
+    await no_opt_in.cancel_subscription(sid)
+    await assert_books_match(simulator, engine, "kw-dasman", msisdn, [sid])

@@ -194,7 +194,8 @@ class RuledCycles:
                 # the attempt's own moment (workflow time): caps count charges by it
                 currency=plan.currency, due_at=workflow.now(),
                 description=f"{subscription.product_id} cycle {cycle}", rules=rules,
-                is_subscription=plan.period != "one_off")
+                is_subscription=plan.period != "one_off",
+                list_price_minor=full if amount < full else None)
             settled = await host.charge(
                 charge, f"charge cycle {cycle} attempt {attempt.attempts}: "
                         f"{self.price_text(amount)}")
@@ -343,6 +344,68 @@ class RuledCycles:
             await self.notify("receipt", f"{host.key(cycle, attempt.slot)}-receipt",
                               {"price": self.price_text(amount)})
         await self._deliver(cycle_result, amount, host.key(cycle, attempt.slot))
+        if partial and rules.remainder == "collect_later" and cycle_result.delivery == "delivered":
+            await self._collect_remainder(cycle, due, attempt, plan.amount_minor - amount, rules)
+
+    async def _collect_remainder(self, cycle: int, due: datetime, attempt: Attempt,
+                                 remainder: int, rules: ChargingRules) -> None:
+        """The rest of a partial payment, tried on the retry schedule within the cycle's
+        retry budget; what is not collected then is written off (the rule says which)."""
+        host, state = self._host, self._host.billing
+        subscription = host.subscription
+        rule = f"{subscription.carrier_id}.remainder"
+        while not state.cancel_requested:
+            day = local_date(workflow.now(), ZoneInfo(rules.timezone)).isoformat()
+            if state.retries_day != day:
+                state.retries_day, state.retries_on_day = day, 0
+            when = retry_rules.next_retry(workflow.now(), attempt.retries, state.retries_on_day,
+                                          rules)
+            if when is None:
+                self.decide("refused", rule,
+                            f"remainder {self.price_text(remainder)} written off: retries spent",
+                            cycle)
+                return
+            if not await host.sleep_until(when, f"cycle {cycle} remainder"):
+                return
+            attempt.retries += 1
+            state.retries_on_day += 1
+            state.insufficient_funds_retries += 1
+            if not await self.wait_allowed(cycle, rules):
+                return
+            attempt.slot += 1
+            charge = ChargeInput(
+                subscription_id=subscription.subscription_id,
+                subscriber_id=subscription.subscriber_id, carrier_id=subscription.carrier_id,
+                cycle=cycle, attempt_slot=attempt.slot,
+                idempotency_key=host.key(cycle, attempt.slot), amount_minor=remainder,
+                currency=subscription.plan.currency, due_at=workflow.now(),
+                description=f"{subscription.product_id} cycle {cycle} remainder", rules=rules,
+                is_subscription=subscription.plan.period != "one_off",
+                list_price_minor=subscription.plan.amount_minor)
+            settled = await host.charge(
+                charge, f"charge cycle {cycle} remainder: {self.price_text(remainder)}")
+            if settled.kind in ("unsettled", "error"):
+                late = await host.settle_unsettled(charge, settled)
+                if late is None:
+                    return  # listed as unsettled: money may have moved; never sent again
+                settled = late
+            result = settled.result
+            if settled.kind != "final" or result is None:
+                return
+            if result.outcome == "refused_by_rule":
+                self.decide("refused", result.refusal.rule if result.refusal else rule,
+                            f"remainder {self.price_text(remainder)} written off: "
+                            f"{result.message}", cycle)
+                return
+            if result.outcome == "succeeded":
+                state.amount_charged_minor += remainder
+                state.remainders_collected += 1
+                grant = CycleResult(cycle, due, "succeeded", 1, result.carrier_reference,
+                                    amount_minor=remainder, partial=True)
+                await self._deliver(grant, remainder, charge.idempotency_key, refund=False)
+                return
+            if result.outcome != "insufficient_funds":
+                return
 
     def _service_seconds(self, amount: int) -> int | None:
         plan = self._host.subscription.plan
@@ -352,7 +415,8 @@ class RuledCycles:
                   {"daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400}.get(plan.period, 0))
         return ladder_rules.proportion(amount, plan.amount_minor, period)
 
-    async def _deliver(self, cycle_result: CycleResult, amount: int, charge_key: str) -> None:
+    async def _deliver(self, cycle_result: CycleResult, amount: int, charge_key: str,
+                       refund: bool = True) -> None:
         host, state = self._host, self._host.billing
         subscription = host.subscription
         key = delivery_key(charge_key)
@@ -379,6 +443,11 @@ class RuledCycles:
         except ActivityError as err:
             reason = f"delivery failed: {err.cause or err}"
         state.delivery_failures += 1
+        if not refund:
+            # (a remainder's grant: its charge is not the cycle's refundable one) owed, shown
+            state.refunds_owed.append(cycle_result.cycle)
+            host.refresh_issue()
+            return
         workflow.logger.warning("cycle %s not delivered (%s): refunding", cycle_result.cycle,
                                 reason)
         # the grant may have happened with its answer lost: revoke it before the refund

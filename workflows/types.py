@@ -96,6 +96,8 @@ class BillingState:
     # charges a rule refused (a cap, a barred product, retries spent, no opt-in)
     refusals: int = 0
     partial_payments: int = 0
+    # remainders of partial payments collected later in their cycle
+    remainders_collected: int = 0
     deliveries: int = 0
     delivery_failures: int = 0
     refunds: int = 0
