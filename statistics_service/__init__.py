@@ -1,0 +1,1 @@
+"""Live statistics, Prometheus metrics, the statistics page and best charging hours."""
