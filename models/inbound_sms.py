@@ -20,6 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
 
 from models.tables import utcnow
+from traceability.documents import inbound_document, notice_document
+from traceability.outbox import enqueue
 
 # inbound: received (stored, not yet acted on) -> handled | ignored | failed (set aside)
 INBOUND_OPEN = "received"
@@ -75,6 +77,8 @@ def store_inbound(session: Session, row: InboundSms) -> InboundSms:
     try:
         with session.begin_nested():
             session.add(row)
+            session.flush()
+            enqueue(session, inbound_document(session, row))
         session.commit()
         session.refresh(row)
         return row
@@ -92,8 +96,13 @@ def finish_inbound(session: Session, row_id: int, state: str, action: str, outco
     result = session.execute(sa.update(table).where(
         table.c.id == row_id, table.c.state == INBOUND_OPEN).values(
         state=state, action=action, outcome=outcome, handled_at=utcnow()))
+    done = bool(result.rowcount)  # type: ignore[attr-defined]
+    if done:  # the settled version of its document, in the same transaction
+        row = session.get(InboundSms, row_id, populate_existing=True)
+        if row is not None:
+            enqueue(session, inbound_document(session, row))
     session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return done
 
 
 def open_inbound(session: Session, limit: int = 100) -> list[InboundSms]:
@@ -126,7 +135,12 @@ def reserve_notice(session: Session, key: str, carrier_id: str, msisdn: str, kin
 
 def settle_notice(session: Session, key: str, state: str, outcome: str) -> None:
     table = SmsNotice.__table__  # type: ignore[attr-defined]
-    session.execute(sa.update(table).where(
+    result = session.execute(sa.update(table).where(
         table.c.idempotency_key == key, table.c.state == "sending").values(
         state=state, outcome=outcome, updated_at=utcnow()))
+    if result.rowcount:  # type: ignore[attr-defined]
+        # one document per send: a notice sent again after a refusal is a new event
+        row = session.exec(select(SmsNotice).where(SmsNotice.idempotency_key == key)
+                           .execution_options(populate_existing=True)).one()
+        enqueue(session, notice_document(session, row))
     session.commit()

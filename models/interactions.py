@@ -1,4 +1,5 @@
-"""Stores every carrier exchange (already redacted by the transport) as a CarrierInteraction."""
+"""Stores every carrier exchange (already redacted by the transport) as a CarrierInteraction,
+with its traceability document in the same transaction (``traceability.outbox``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from sqlmodel import Session
 
 from carriers.http import InteractionRecord
 from models.tables import CarrierInteraction
+from traceability.documents import interaction_document
+from traceability.outbox import enqueue
 
 
 class InteractionStore:
@@ -17,7 +20,10 @@ class InteractionStore:
 
     def _write(self, record: InteractionRecord) -> None:
         with Session(self._engine) as session:
-            session.add(CarrierInteraction(**record.model_dump()))
+            row = CarrierInteraction(**record.model_dump())
+            session.add(row)
+            session.flush()  # the row's id names its document
+            enqueue(session, interaction_document(session, row))
             session.commit()
 
     async def record(self, record: InteractionRecord) -> None:

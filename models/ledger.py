@@ -6,6 +6,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from models.tables import LedgerEntry, LedgerKind
+from traceability.documents import ledger_document
+from traceability.outbox import enqueue
 
 
 class LedgerConflict(RuntimeError):
@@ -19,9 +21,12 @@ def find_by_key(session: Session, idempotency_key: str) -> LedgerEntry | None:
 
 
 def append(session: Session, entry: LedgerEntry) -> LedgerEntry:
-    """Inserts ``entry``; a repeat of the same key returns the entry already written."""
+    """Inserts ``entry``; a repeat of the same key returns the entry already written. The
+    entry's traceability document commits with it; a repeat writes none."""
     session.add(entry)
     try:
+        session.flush()  # a repeated key fails here, before any document is queued
+        enqueue(session, ledger_document(session, entry))
         session.commit()
     except IntegrityError:
         session.rollback()
