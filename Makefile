@@ -23,6 +23,7 @@ lint: install
 
 test: install lint
 	bash scripts/ensure-postgres-tools.sh
+	bash scripts/ensure-chromium.sh
 	$(BIN)/pytest
 
 bench: install

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     opensearch_url: str | None = None
 
+    # the worker's Prometheus endpoint (SDK runtime metrics and the platform's counters)
+    metrics_port: int | None = None
+
     # bill subscriptions under their country's, carrier's and product's rules (rules/data)
     apply_rules: bool = True
 

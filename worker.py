@@ -25,6 +25,7 @@ from models.seed import seed_reference_data
 from models.smpp_store import SubmissionStore
 from report_relay import ReportRelay
 from settings import Settings, get_settings
+from statistics_service.metrics import install_prometheus
 from workflows.late_settlement import LateSettlementWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.subscription import SubscriptionWorkflow
@@ -107,7 +108,9 @@ def build_worker(
 async def run_worker(settings: Settings) -> None:
     registry = default_registry()
     engine = prepare_database(settings, registry)
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    runtime = install_prometheus(settings.metrics_port) if settings.metrics_port else None
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
+                                  runtime=runtime)
     adapters = make_adapter_pool(registry, settings, engine, client)
     for carrier_id in registry.carriers:  # a promise an adapter cannot keep stops the start
         adapters.get(carrier_id)

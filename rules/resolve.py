@@ -19,8 +19,11 @@ __all__ = ["load_rules", "resolve_rules", "resolve_with", "shipped_rules"]
 
 @lru_cache(maxsize=1)
 def shipped_rules() -> RulesData:
-    """The validated rules/data files, loaded on first use."""
-    return load_rules()
+    """The validated rules/data files, loaded on first use, with the best charging hours the
+    statistics found (rules/data/best_hours.toml) over the carriers' preferred hours."""
+    from statistics_service.best_hours import apply_best_hours
+
+    return apply_best_hours(load_rules())
 
 
 def resolve_rules(country_code: str, carrier_id: str, product_id: str, full_price_minor: int,

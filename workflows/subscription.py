@@ -209,7 +209,12 @@ class SubscriptionWorkflow:
             await workflow.wait_condition(lambda: earlier.outcome != "requested")
             return earlier
         charged = self._charged_cycle(request.cycle)
-        assert charged is not None
+        # checked again here: two updates' validators may both run before either handler
+        if charged is None or charged.refunded_minor or any(
+                r.cycle == request.cycle and r.outcome != "failed"
+                for r in state.refund_requests):
+            raise ApplicationError(f"cycle {request.cycle} is already refunded or being "
+                                   "refunded", type="RefundRefused")
         amount = request.amount_minor or charged.amount_minor - charged.refunded_minor
         record = RefundRecord(request.request_id, request.cycle, amount, reason=request.reason)
         state.refund_requests.append(record)
