@@ -58,6 +58,7 @@ from rules.resolve import resolve_rules
 from rules.types import ChargingRules
 from settings import PROJECT_ROOT, Settings
 from starter import StartSubscriptionRequest, SubscriptionClient, SubscriptionRequestError
+from traceability.indexer import OutboxDrainer, indexed_counts, make_client
 from workflows.subscription import SubscriptionWorkflow
 from workflows.types import BillingState
 
@@ -330,6 +331,18 @@ def open_debits(engine: Engine, books: dict[str, Any], kind: LedgerKind) -> dict
     return dict(amounts)
 
 
+async def index_everything(engine: Engine, opensearch_url: str) -> tuple[int, int]:
+    """Drains what the worker's drainer has not yet sent (bounded), then counts."""
+    client = make_client(opensearch_url)
+    drainer = OutboxDrainer(engine, client, refresh=True)
+    deadline = time.monotonic() + INDEX_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if not await asyncio.to_thread(drainer.drain_once):
+            break
+    return await asyncio.to_thread(indexed_counts, engine, client)
+
+
+INDEX_WAIT_SECONDS = 60.0
 CANCEL_TIMEOUT_SECONDS = 30.0
 SETTLE_WAIT_SECONDS = 30.0
 
@@ -380,17 +393,20 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     console.print("starting the carrier simulators (HTTP and SMSC) with 5% random faults …")
     simulator_urls = stack.start_simulator(SIM_PORT, chaos_rate=0.05, default_balance="1000")
     sim_url = simulator_urls["sim"]
-    console.print("starting the game backend …")
+    console.print("starting the game backend, OpenSearch (in memory) and the statistics page …")
     game_url = stack.start_game_backend()
+    opensearch_url = stack.start_opensearch()
+    statistics_url = stack.start_statistics(opensearch_url)
     settings = Settings(database_url=db_url, simulator_urls=simulator_urls,
                         carrier_secrets=stack.carrier_secrets, game_backend_url=game_url,
-                        notice_carrier_id=NOTICE_CARRIER)
+                        notice_carrier_id=NOTICE_CARRIER, opensearch_url=opensearch_url)
     migrate(db_url)
     engine = make_engine(db_url)
     seed_reference_data(engine, registry)
     env = stack.env(CB_DATABASE_URL=db_url,
                     CB_SIMULATOR_URLS=json.dumps(simulator_urls),
-                    CB_GAME_BACKEND_URL=game_url, CB_NOTICE_CARRIER_ID=NOTICE_CARRIER)
+                    CB_GAME_BACKEND_URL=game_url, CB_NOTICE_CARRIER_ID=NOTICE_CARRIER,
+                    CB_OPENSEARCH_URL=opensearch_url)
     console.print("starting the callback receiver and a worker …")
     stack.start_callback_receiver(env)
     stack.start_worker("worker", env)
@@ -430,6 +446,9 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
         console.print(f"{open_left} operations still settling after {SETTLE_WAIT_SECONDS} s: "
                       "they are counted as open below")
     await summary(client, engine, subscribers, sim_url)
+    indexed, total = await index_everything(engine, opensearch_url)
+    console.print(f"interactions indexed: {indexed} of {total}")
+    console.print(f"statistics: {statistics_url}")
     console.print("\nTemporal UI: [bold]http://localhost:8233[/bold]  "
                   "(try the query: SubscriptionStatus = 'cancelled' AND CountryCode = 'JP')")
 

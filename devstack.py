@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from osmem_server import OsmemServer
+
 from carriers.dev_secrets import generate_dev_secrets
 from carriers.loader import default_registry
 from settings import PROJECT_ROOT, venv_binary
@@ -48,6 +50,7 @@ class Stack:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         # fresh credentials per run, shared by the simulator and the worker, never on disk
         self.carrier_secrets = generate_dev_secrets(default_registry())
+        self._opensearch: OsmemServer | None = None
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -94,6 +97,23 @@ class Stack:
         wait_for_port(smpp_port)
         return {"sim": f"http://127.0.0.1:{port}", "smpp": f"127.0.0.1:{smpp_port}"}
 
+    def start_opensearch(self, port: int = 9200) -> str:
+        """The embedded OpenSearch-compatible server (in memory); returns its URL. Production
+        runs real OpenSearch (deploy/)."""
+        if not port_is_free(port):
+            raise RuntimeError(f"port {port} is taken: is another OpenSearch running?")
+        self._opensearch = OsmemServer.start(addr=f"127.0.0.1:{port}", japanese=False)
+        return str(self._opensearch.url)
+
+    def start_statistics(self, opensearch_url: str, port: int = 8090) -> str:
+        """The statistics page; returns its URL."""
+        if not port_is_free(port):
+            raise RuntimeError(f"port {port} is taken: is another statistics page running?")
+        self.spawn("statistics", [sys.executable, "-m", "statistics_service.server", "--port",
+                                  str(port), "--opensearch", opensearch_url])
+        wait_for_port(port)
+        return f"http://127.0.0.1:{port}/"
+
     def start_game_backend(self, port: int = 8703) -> str:
         """The game backend that grants what payments bought; returns its URL."""
         if not port_is_free(port):
@@ -126,6 +146,9 @@ class Stack:
                     child.kill()
                     child.wait()
         self.children.clear()
+        if self._opensearch is not None:
+            self._opensearch.close()
+            self._opensearch = None
 
     def check_alive(self) -> None:
         for name, child in self.children:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_concurrent_workflow_tasks: int = 200
 
     opensearch_url: str | None = None
+    # keys the MSISDN hash in indexed documents: set a real secret in production, and keep it
+    # (a new key splits every subscriber's history in two)
+    trace_hash_key: SecretStr | None = None
 
     # the worker's Prometheus endpoint (SDK runtime metrics and the platform's counters)
     metrics_port: int | None = None

@@ -49,6 +49,8 @@ from rules.errors import RulesError
 from rules.resolve import resolve_rules
 from rules.types import ChargingRules
 from settings import Settings, get_settings
+from traceability.history import payment_story
+from traceability.indexer import make_client
 from workflows import search_attributes as sa
 from workflows.late_settlement import LateSettlementWorkflow, late_settlement_id
 from workflows.refund import RefundWorkflow, refund_workflow_id
@@ -529,6 +531,12 @@ async def _cli(args: argparse.Namespace) -> Any:
         return asdict(await client.change_plan(args.subscription_id, args.price_point))
     if args.command == "opt-in":
         return asdict(await client.confirm_opt_in(args.subscription_id, args.pin))
+    if args.command == "history":
+        settings = get_settings()
+        opensearch = make_client(settings.opensearch_url) if settings.opensearch_url else None
+        print(await payment_story(client.engine, args.who, opensearch=opensearch,
+                                  temporal=client.client))
+        return None
     if args.command == "unsettled":
         return [o.model_dump() for o in await client.unsettled(args.carrier)]
     if args.command == "settle":
@@ -561,6 +569,9 @@ def main() -> None:
     opt_in = commands.add_parser("opt-in", help="the code the subscriber received by SMS")
     opt_in.add_argument("subscription_id", type=int)
     opt_in.add_argument("pin")
+    commands.add_parser(
+        "history", help="a subscriber's payment story: ledger, interactions, workflow history"
+    ).add_argument("who", help="an MSISDN or a subscription id")
     unsettled = commands.add_parser(
         "unsettled", help="operations that may have moved money and have no final answer")
     unsettled.add_argument("--carrier")
@@ -571,7 +582,8 @@ def main() -> None:
         result = asyncio.run(_cli(args))
     except (SubscriptionRequestError, ValidationError) as exc:
         raise SystemExit(f"refused: {exc}") from None
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

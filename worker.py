@@ -26,6 +26,7 @@ from models.smpp_store import SubmissionStore
 from report_relay import ReportRelay
 from settings import Settings, get_settings
 from statistics_service.metrics import install_prometheus
+from traceability.indexer import OutboxDrainer, make_client
 from workflows.late_settlement import LateSettlementWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.subscription import SubscriptionWorkflow
@@ -123,10 +124,16 @@ async def run_worker(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # the outbox drains into OpenSearch (a backlog waits while it is away; nothing is lost)
+        drainer = (asyncio.create_task(OutboxDrainer(
+            engine, make_client(settings.opensearch_url)).run(stop))
+            if settings.opensearch_url else None)
         async with build_worker(client, settings, engine, adapters, registry):
             logging.info("worker polling %s and its carrier queues on %s", settings.task_queue,
                          settings.temporal_address)
             await stop.wait()
+        if drainer is not None:
+            await drainer
             logging.info("worker stopping: finishing the tasks in hand")
     finally:
         await mobile_originated.aclose()

@@ -67,6 +67,8 @@ from models.tables import (
 from rules.caps import first_refusal
 from rules.spend import spend_so_far
 from rules.types import Refusal
+from traceability.documents import rule_decision_document
+from traceability.outbox import enqueue
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +330,11 @@ class BillingActivities:
                             month_minor=spent.month_minor + in_flight)
             return first_refusal(charge.amount_minor, spent, rules, charge.is_subscription)
 
+        await asyncio.to_thread(self._record_decisions, charge)
         ran = await self._run(spec, charge.subscriber_id, send, charge.reported,
                               guard=within_caps)
         if isinstance(ran, Refusal):
+            await asyncio.to_thread(self._record_decisions, charge, ran)
             return ChargeOutput("refused_by_rule", message=f"{ran.rule}: {ran.figure}",
                                 refusal=ran)
         result, operation, _ = ran
@@ -341,6 +345,25 @@ class BillingActivities:
             result.outcome.value, result.carrier_reference, result.carrier_code, result.message,
             result.retry_after_seconds,
             "credentials_rejected" if _credentials_refused(result) else None)
+
+    def _record_decisions(self, charge: ChargeInput, refusal: Refusal | None = None) -> None:
+        """The rules' decisions before this charge, and a cap refusing it, for the interaction
+        store (each under an id of its own, so a retried activity overwrites, never adds)."""
+        notes = [(f"{charge.idempotency_key}-n{i}", n.kind, n.rule, n.detail, n.at)
+                 for i, n in enumerate(charge.decisions)]
+        if refusal is not None:
+            notes.append((f"{charge.idempotency_key}-refused", "refused", refusal.rule,
+                          f"{refusal.rule}: {refusal.figure}", charge.due_at))
+        if not notes:
+            return
+        with Session(self._engine) as session:
+            for key, kind, rule, detail, at in notes:
+                enqueue(session, rule_decision_document(
+                    session, idempotency_key=key, carrier_id=charge.carrier_id,
+                    subscription_id=charge.subscription_id, rule=rule, outcome=kind,
+                    at=_aware(at), cycle=charge.cycle, amount_minor=charge.amount_minor,
+                    currency=charge.currency, detail=detail))
+            session.commit()
 
     def _write_status(self, change: StatusInput) -> None:
         with Session(self._engine, expire_on_commit=False) as session:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from carriers.reports import CarrierReport
 from rules.types import ChargingRules, Refusal
 
 __all__ = ["CarrierReport"]
+
+
+@dataclass
+class DecisionNote:
+    at: datetime
+    kind: str  # postponed | refused
+    rule: str
+    detail: str
 
 
 @dataclass
@@ -34,6 +42,9 @@ class ChargeInput:
     is_subscription: bool = True
     # the cycle's full price when this charge asks less (a partial payment down the ladder)
     list_price_minor: int | None = None
+    # what the rules decided since the last charge (postponements, refusals): recorded for
+    # the interaction store with the charge, since a workflow does no I/O of its own
+    decisions: list[DecisionNote] = field(default_factory=list)
 
 
 @dataclass

@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         BalanceOutput,
         ChargeInput,
         ChargeOutput,
+        DecisionNote,
         RefundOutput,
         refund_key,
     )
@@ -102,6 +103,8 @@ class Attempt:
 class RuledCycles:
     def __init__(self, host: Host) -> None:
         self._host = host
+        # decisions not yet handed to a charge activity (which records them for the store)
+        self._unrecorded: list[DecisionNote] = []
 
     # -- decisions shown to operators -----------------------------------------------------
 
@@ -110,6 +113,8 @@ class RuledCycles:
         decision = RuleDecision(workflow.now(), kind, rule, detail, cycle)
         state.decisions.append(decision)
         del state.decisions[:-DECISIONS_KEPT]
+        self._unrecorded.append(DecisionNote(decision.at, kind, rule, detail))
+        del self._unrecorded[:-DECISIONS_KEPT]
         if kind == "postponed":
             state.postponements += 1
         else:
@@ -144,6 +149,10 @@ class RuledCycles:
                 summary=f"text {kind}")
         except ActivityError as err:
             workflow.logger.warning("notice %s not sent: %s", key, err.cause or err)
+
+    def take_decisions(self) -> list[DecisionNote]:
+        taken, self._unrecorded = self._unrecorded, []
+        return taken
 
     def price_text(self, amount_minor: int) -> str:
         currency = self._host.subscription.plan.currency
@@ -195,7 +204,8 @@ class RuledCycles:
                 currency=plan.currency, due_at=workflow.now(),
                 description=f"{subscription.product_id} cycle {cycle}", rules=rules,
                 is_subscription=plan.period != "one_off",
-                list_price_minor=full if amount < full else None)
+                list_price_minor=full if amount < full else None,
+                decisions=self.take_decisions())
             settled = await host.charge(
                 charge, f"charge cycle {cycle} attempt {attempt.attempts}: "
                         f"{self.price_text(amount)}")
@@ -381,7 +391,8 @@ class RuledCycles:
                 currency=subscription.plan.currency, due_at=workflow.now(),
                 description=f"{subscription.product_id} cycle {cycle} remainder", rules=rules,
                 is_subscription=subscription.plan.period != "one_off",
-                list_price_minor=subscription.plan.amount_minor)
+                list_price_minor=subscription.plan.amount_minor,
+                decisions=self.take_decisions())
             settled = await host.charge(
                 charge, f"charge cycle {cycle} remainder: {self.price_text(remainder)}")
             if settled.kind in ("unsettled", "error"):

@@ -5,6 +5,7 @@ from sqlmodel import SQLModel
 
 import models.delivery  # noqa: F401
 import models.inbound_sms  # noqa: F401
+import models.outbox  # noqa: F401
 import models.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 from models.db import make_engine
 
