@@ -14,7 +14,7 @@ from codec.aesgcm import KEY_ID_PATTERN, new_key
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m codec.keys", description=__doc__)
     parser.add_argument("key_id", nargs="?",
                         help="the new key's id (default: k<today>, e.g. k20250131)")
     args = parser.parse_args(argv)
