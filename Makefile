@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint unit bench clean chaos
+.PHONY: install demo test lint unit bench clean chaos docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install lint
 	bash scripts/ensure-postgres-tools.sh
 	bash scripts/ensure-chromium.sh
 	$(BIN)/pytest
+
+# the API manual from docstrings (docs/api/); fails on any warning, so CI catches staleness
+docs: install
+	bash scripts/build-docs.sh
 
 bench: install
 	$(BIN)/python -m bench.billing $(BENCH_ARGS)

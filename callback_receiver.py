@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+import codec
 from activities.messages import CarrierReport
 from carriers.callback_aggregator import parse_callback as parse_aggregator_callback
 from carriers.camara import parse_event as parse_camara_event
@@ -101,12 +102,13 @@ class CallbackReceiver:
 
 async def run_receiver(settings: Settings) -> None:
     engine = make_engine(settings.database_url)
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
+                                  data_converter=codec.data_converter(settings))
     receiver = CallbackReceiver(client, default_registry(), settings,
                                 InteractionStore(engine).record, engine)
     runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", settings.callback_port).start()
+    await web.TCPSite(runner, settings.callback_host, settings.callback_port).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

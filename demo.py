@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from pydantic import SecretStr
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -192,21 +193,26 @@ PIN = re.compile(r"\b(\d{4,8})\b")
 async def type_back_codes(client: SubscriptionClient, subscribers: list[DemoSubscriber],
                           sim_url: str) -> None:
     """What subscribers do with the code they receive by SMS: type it back (a few never)."""
+    limiter = asyncio.Semaphore(20)
     async with httpx.AsyncClient(base_url=sim_url, timeout=10) as sim:
-        while True:
-            waiting = [s for s in subscribers if s.confirms and not s.confirmed]
-            for subscriber in waiting[:50]:
+
+        async def type_back(subscriber: DemoSubscriber) -> None:
+            async with limiter:
                 texts = (await sim.get("/_control/sms", params={
                     "msisdn": subscriber.msisdn})).json()
                 codes = [m.group(1) for t in texts if t["direction"] == "notice"
                          for m in [PIN.search(t["text"])] if m]
                 if not codes:
-                    continue
+                    return
                 try:
                     await client.confirm_opt_in(subscriber.subscription_id, codes[-1])
                 except SubscriptionRequestError:
                     pass  # not (or no longer) waiting for a code
                 subscriber.confirmed = True
+
+        while True:
+            waiting = [s for s in subscribers if s.confirms and not s.confirmed]
+            await asyncio.gather(*(type_back(s) for s in waiting), return_exceptions=True)
             await asyncio.sleep(1)
 
 
@@ -399,7 +405,9 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     statistics_url = stack.start_statistics(opensearch_url)
     settings = Settings(database_url=db_url, simulator_urls=simulator_urls,
                         carrier_secrets=stack.carrier_secrets, game_backend_url=game_url,
-                        notice_carrier_id=NOTICE_CARRIER, opensearch_url=opensearch_url)
+                        notice_carrier_id=NOTICE_CARRIER, opensearch_url=opensearch_url,
+                        codec_keys={k: SecretStr(v) for k, v in stack.codec_keys.items()},
+                        codec_current_key="dev")
     migrate(db_url)
     engine = make_engine(db_url)
     seed_reference_data(engine, registry)
@@ -407,7 +415,9 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
                     CB_SIMULATOR_URLS=json.dumps(simulator_urls),
                     CB_GAME_BACKEND_URL=game_url, CB_NOTICE_CARRIER_ID=NOTICE_CARRIER,
                     CB_OPENSEARCH_URL=opensearch_url)
-    console.print("starting the callback receiver and a worker …")
+    console.print("starting the codec server (payloads are encrypted; the UI decodes them), "
+                  "the callback receiver and a worker …")
+    stack.start_codec_server()
     stack.start_callback_receiver(env)
     stack.start_worker("worker", env)
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 from osmem_server import OsmemServer
 
+import codec
 from carriers.dev_secrets import generate_dev_secrets
 from carriers.loader import default_registry
 from settings import PROJECT_ROOT, venv_binary
 from workflows import search_attributes as sa
 
+CODEC_PORT = 8081
 SQLITE_WAL = ["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
 
 
@@ -51,11 +53,15 @@ class Stack:
         # fresh credentials per run, shared by the simulator and the worker, never on disk
         self.carrier_secrets = generate_dev_secrets(default_registry())
         self._opensearch: OsmemServer | None = None
+        # payloads are encrypted in the demo too; the codec server shows them in the UI
+        self.codec_keys = {"dev": codec.new_key()}
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env["CB_CARRIER_SECRETS"] = json.dumps(self.carrier_secrets)
         env["PYTHONPATH"] = str(PROJECT_ROOT)
+        env["CB_CODEC_KEYS"] = json.dumps(self.codec_keys)
+        env["CB_CODEC_CURRENT_KEY"] = "dev"
         env.update(extra)
         return env
 
@@ -74,6 +80,7 @@ class Stack:
                 "--port", str(port), "--ui-port", str(ui_port), "--log-level", "warn"]
         for key in sa.ALL:
             args += ["--search-attribute", f"{key.name}=Keyword"]
+        args += ["--ui-codec-endpoint", f"http://127.0.0.1:{CODEC_PORT}"]
         if persistence != "memory":
             db = self.data_dir / "temporal.db"
             for suffix in ("", "-wal", "-shm"):
@@ -96,6 +103,13 @@ class Stack:
         wait_for_port(port)
         wait_for_port(smpp_port)
         return {"sim": f"http://127.0.0.1:{port}", "smpp": f"127.0.0.1:{smpp_port}"}
+
+    def start_codec_server(self, port: int = CODEC_PORT) -> None:
+        """Decodes payloads for the Temporal UI (loopback only, no token: see codec/server.py)."""
+        if not port_is_free(port):
+            raise RuntimeError(f"port {port} is taken: is another codec server running?")
+        self.spawn("codec", [sys.executable, "-m", "codec.server", "--port", str(port)])
+        wait_for_port(port)
 
     def start_opensearch(self, port: int = 9200) -> str:
         """The embedded OpenSearch-compatible server (in memory); returns its URL. Production

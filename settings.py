@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # where carriers call us back (the callback receiver), as the carriers see it
     callback_base_url: str = "http://127.0.0.1:8702"
     callback_port: int = 8702
+    # the address the receiver listens on (0.0.0.0 in a pod, behind its Service)
+    callback_host: str = "127.0.0.1"
 
     carrier_timeout_seconds: float = 10.0
     max_concurrent_activities: int = 200
@@ -46,6 +48,11 @@ class Settings(BaseSettings):
     max_concurrent_workflow_tasks: int = 200
 
     opensearch_url: str | None = None
+    # payload encryption (codec/): key id -> base64 AES key (16/24/32 bytes); new payloads use
+    # codec_current_key (may be unset with one key); no keys: payloads stored in plain text
+    codec_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    codec_current_key: str | None = None
+
     # keys the MSISDN hash in indexed documents: set a real secret in production, and keep it
     # (a new key splits every subscriber's history in two)
     trace_hash_key: SecretStr | None = None

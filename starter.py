@@ -22,6 +22,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+import codec
 from activities.messages import (
     LateSettlementInput,
     LateSettlementOutput,
@@ -143,8 +144,8 @@ class SubscriptionClient:
     async def connect(cls, settings: Settings | None = None) -> SubscriptionClient:
         settings = settings or get_settings()
         client = await Client.connect(
-            settings.temporal_address, namespace=settings.temporal_namespace
-        )
+            settings.temporal_address, namespace=settings.temporal_namespace,
+            data_converter=codec.data_converter(settings))
         return cls(client, make_engine(settings.database_url), default_registry(),
                    settings.task_queue, settings.deployment_id, settings.apply_rules)
 

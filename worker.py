@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+import codec
 from activities.billing import BillingActivities
 from activities.delivery import DeliveryActivities
 from activities.notices import NoticeActivities
@@ -111,7 +112,7 @@ async def run_worker(settings: Settings) -> None:
     engine = prepare_database(settings, registry)
     runtime = install_prometheus(settings.metrics_port) if settings.metrics_port else None
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
-                                  runtime=runtime)
+                                  runtime=runtime, data_converter=codec.data_converter(settings))
     adapters = make_adapter_pool(registry, settings, engine, client)
     for carrier_id in registry.carriers:  # a promise an adapter cannot keep stops the start
         adapters.get(carrier_id)
@@ -152,6 +153,8 @@ def main() -> None:
     }
     settings = settings.model_copy(update=overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # one line per bulk request is noise; failures still show
+    logging.getLogger("opensearch").setLevel(logging.WARNING)
     # httpx logs every URL at INFO, and carrier URLs hold MSISDNs: interactions are recorded
     # (redacted) by the transport instead
     logging.getLogger("httpx").setLevel(logging.WARNING)

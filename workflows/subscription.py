@@ -60,6 +60,7 @@ ACTIVE, PAST_DUE, CANCELLED, COMPLETED = "active", "past_due", "cancelled", "com
 PENDING_OPT_IN, OPT_IN_EXPIRED, PAUSED = "pending_opt_in", "opt_in_expired", "paused"
 OPT_IN_TRIES = 3
 CALENDAR_PERIODS = ("daily", "weekly", "monthly")
+RENEWAL_SPREAD_STRIDE = 7919  # seconds; prime, so consecutive ids spread over the hour
 REFUND_REQUESTS_KEPT = 50
 # BillingIssue values, the most urgent first
 ISSUE_PRIORITY = ("configuration", "refund_owed", "unsettled", "credentials_rejected")
@@ -345,8 +346,11 @@ class SubscriptionWorkflow:
         due = due_at(state.anchor, plan.period, cycle - state.anchor_cycle + 1,
                      plan.interval_seconds)
         if self._input.rules is not None and plan.period in CALENDAR_PERIODS:
-            # renewals at the carrier's best local hour (an interval plan keeps its pace)
-            due = windows.local_charge_time(due, self._input.rules)
+            # renewals in the carrier's best local hour (an interval plan keeps its pace),
+            # each subscription at its own minute of it, so a carrier's renewals do not all
+            # fall due at once and queue behind its rate limit
+            due = windows.local_charge_time(due, self._input.rules) + timedelta(
+                seconds=self._input.subscription_id * RENEWAL_SPREAD_STRIDE % 3600)
         return due
 
     async def _consent(self) -> bool:
