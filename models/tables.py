@@ -52,6 +52,7 @@ LIVE_STATUSES_SQL = "status IN ({})".format(
 class LedgerKind(StrEnum):
     CHARGE = "charge"
     REFUND = "refund"
+    RECONCILED = "reconciled"
 
 
 class Country(SQLModel, table=True):

@@ -26,6 +26,7 @@ from simulators.core import SimCarrier, SimulatorCore
 from simulators.oneapi import OneApiCarrier
 from simulators.parlayx import ParlayXCarrier
 from simulators.polling_aggregator import PollingAggregator
+from simulators.settlement_reports import SettlementReports
 from simulators.smsc import Smsc
 
 
@@ -76,6 +77,7 @@ def build_app(core: SimulatorCore, registry: Registry | None = None,
         family(core).add_routes(app)
     for data_family in DATA_FAMILIES:
         data_family(core, registry).add_routes(app)
+    SettlementReports(core).add_routes(app)
     return app
 
 

@@ -1,0 +1,2 @@
+"""Reconciliation with the carriers' daily settlement reports (formats, comparison, the
+report operators read, and the daily schedule)."""
