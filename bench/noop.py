@@ -1,4 +1,9 @@
-"""The ceiling: a workflow that only loops timer + no-op activity, measured like billing."""
+"""The ceiling: a workflow that only loops timer + no-op activity, measured like billing.
+
+Its worker is a process of its own (``bench.noop_worker``), so that its CPU is measured apart
+from the bench's, as the billing worker's is; each completed activity records its time in
+``COMPLETIONS``, which that process writes to a file the bench counts in its window.
+"""
 
 from __future__ import annotations
 
