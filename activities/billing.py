@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import update as sa_update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -73,6 +74,8 @@ from traceability.outbox import enqueue
 log = logging.getLogger(__name__)
 
 _FINAL = {Outcome.SUCCEEDED, Outcome.INSUFFICIENT_FUNDS, Outcome.REJECTED}
+# a refund asking for "whatever is left" of a charge already wholly refunded: nothing sent
+NOTHING_LEFT = "nothing_left"
 
 
 class NotRefundable(ApplicationError):
@@ -144,9 +147,11 @@ class BillingActivities:
             if guard is not None and ops.find(session, spec.idempotency_key) is None:
                 # a new charge: the subscriber's row is locked (PostgreSQL) while the caps are
                 # read and the operation recorded, so two subscriptions cannot both slip under
-                subscriber = session.exec(
-                    select(Subscriber).where(Subscriber.id == subscriber_id).with_for_update()
-                ).first()
+                # a no-op write locks the subscriber's row (PostgreSQL) or the database for
+                # writing (SQLite, which ignores FOR UPDATE) until the operation is recorded
+                session.execute(sa_update(Subscriber).where(col(Subscriber.id) == subscriber_id)
+                                .values(id=Subscriber.id))
+                subscriber = session.get(Subscriber, subscriber_id)
                 if subscriber is None:
                     raise ConfigurationError(f"subscriber {subscriber_id} does not exist")
                 refusal = guard(session, subscriber)
@@ -162,7 +167,8 @@ class BillingActivities:
                 raise ConfigurationError(f"subscriber {subscriber_id} does not exist")
             original = None
             if spec.kind is LedgerKind.REFUND:
-                charge = ledger.charge_for_cycle(session, spec.subscription_id, spec.cycle)
+                charge = ledger.charge_refunded_by(session, spec.idempotency_key,
+                                                   spec.subscription_id, spec.cycle)
                 original = charge.carrier_reference if charge else None
             reservation = ops.reserve(session, spec)
             return _Context(subscriber.msisdn, reservation.operation,
@@ -381,36 +387,54 @@ class BillingActivities:
     async def record_subscription_status(self, change: StatusInput) -> None:
         await asyncio.to_thread(self._write_status, change)
 
-    def _refund_target(self, request: RefundInput) -> tuple[LedgerEntry, str, LedgerEntry | None]:
+    def _refund_target(self, request: RefundInput
+                       ) -> tuple[LedgerEntry, str, LedgerEntry | None, int, int | None]:
+        """The charge a refund returns (named by its key), its key, the refund if already in
+        the ledger, what is left to refund of the charge (refunds in the ledger and in flight
+        taken off) and the amount this key was first sent with, if it was."""
         with Session(self._engine, expire_on_commit=False) as session:
-            charge = ledger.charge_for_cycle(session, request.subscription_id, request.cycle)
-            if charge is None:
-                raise NotRefundable(
-                    f"subscription {request.subscription_id} has no charge for cycle {request.cycle}"
-                )
             subscription = session.get(Subscription, request.subscription_id)
             if subscription is None:
                 raise ConfigurationError(f"subscription {request.subscription_id} does not exist")
             key = request.idempotency_key or refund_key(
                 key_prefix(self._deployment_id, subscription.key_token), request.cycle)
-            return charge, key, ledger.refund_of(session, charge)
+            charge = ledger.charge_refunded_by(session, key, request.subscription_id,
+                                               request.cycle)
+            if charge is None:
+                raise NotRefundable(
+                    f"subscription {request.subscription_id} has no charge for cycle {request.cycle}"
+                )
+            left = (charge.amount_minor - ledger.refunded_minor(session, charge)
+                    - ops.refunds_in_flight_minor(session, request.subscription_id,
+                                                  request.cycle, key))
+            sent = ops.find(session, key)
+            return (charge, key, ledger.find_by_key(session, key), left,
+                    sent.amount_minor if sent is not None else None)
 
     @activity.defn(name="refund_charge")
     async def refund_charge(self, request: RefundInput) -> RefundOutput:
-        charge, key, already = await asyncio.to_thread(self._refund_target, request)
-        if already is not None:
-            if already.idempotency_key != key:
-                raise NotRefundable(f"charge {charge.idempotency_key} was already refunded")
-            return RefundOutput(
-                Outcome.SUCCEEDED.value, already.amount_minor, already.currency,
-                already.carrier_reference,
-            )
+        """Refunds (part of) one charge. Never more than is left of it: refunds already in the
+        ledger and those still in flight are taken off first."""
+        charge, key, done, left, sent_amount = await asyncio.to_thread(self._refund_target,
+                                                                        request)
+        if done is not None:
+            return RefundOutput(Outcome.SUCCEEDED.value, done.amount_minor, done.currency,
+                                done.carrier_reference)
         adapter = self._adapters.get(charge.carrier_id)
         if not adapter.supports(Capability.REFUND):
             raise NotRefundable(f"{charge.carrier_id} offers no refunds")
-        amount = charge.amount_minor if request.amount_minor is None else request.amount_minor
-        if not 0 < amount <= charge.amount_minor:
-            raise NotRefundable(f"a refund of {amount} of a charge of {charge.amount_minor}")
+        if sent_amount is not None:
+            amount = sent_amount  # this key was sent before: only ever settled, as it was
+        else:
+            amount = left if request.amount_minor is None else request.amount_minor
+            if request.at_most:
+                amount = min(amount, left)
+            if (request.amount_minor is None or request.at_most) and amount <= 0:
+                return RefundOutput(NOTHING_LEFT, 0, charge.currency,
+                                    message="nothing is left to refund of this charge")
+            if not 0 < amount <= left:
+                raise NotRefundable(f"a refund of {amount} when {max(left, 0)} of the charge "
+                                    f"{charge.idempotency_key} is left to refund")
         spec = OperationSpec(
             idempotency_key=key, kind=LedgerKind.REFUND, carrier_id=charge.carrier_id,
             workflow_id=_workflow_id(), subscription_id=charge.subscription_id,
@@ -542,7 +566,7 @@ class BillingActivities:
         remaining = await asyncio.to_thread(self._unsettled_count, settled.subscription_id)
         return LateSettlementOutput(settled.idempotency_key, OperationState(settled.state).value,
                                     settled.outcome, settled.carrier_reference, result.message,
-                                    settled.workflow_id, remaining)
+                                    settled.workflow_id, remaining, settled.amount_minor)
 
     def _unsettled_count(self, subscription_id: int) -> int:
         with Session(self._engine) as session:
@@ -550,7 +574,8 @@ class BillingActivities:
 
     def _charge_entry_id(self, operation: CarrierOperation) -> int | None:
         with Session(self._engine, expire_on_commit=False) as session:
-            charge = ledger.charge_for_cycle(session, operation.subscription_id, operation.cycle)
+            charge = ledger.charge_refunded_by(session, operation.idempotency_key,
+                                               operation.subscription_id, operation.cycle)
             return charge.id if charge else None
 
     def all(self) -> list[Callable[..., Any]]:

@@ -95,6 +95,8 @@ class RefundInput:
     idempotency_key: str | None = None
     # a partial refund (None: the whole charge)
     amount_minor: int | None = None
+    # amount_minor is a ceiling: refund what is left of the charge, up to it
+    at_most: bool = False
 
 
 @dataclass
@@ -135,6 +137,7 @@ class LateSettlementOutput:
     workflow_id: str | None = None
     # how many operations of that subscription are still unsettled
     still_unsettled: int = 0
+    amount_minor: int = 0
 
 
 @dataclass
@@ -143,6 +146,9 @@ class SettledNotice:
 
     idempotency_key: str
     still_unsettled: int
+    # how it settled: a charge that succeeded after all is delivered (or refunded)
+    outcome: str | None = None
+    amount_minor: int = 0
 
 
 def key_prefix(deployment_id: str, key_token: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -61,3 +63,33 @@ def refund_of(session: Session, charge: LedgerEntry) -> LedgerEntry | None:
             LedgerEntry.refunds_entry_id == charge.id, LedgerEntry.kind == LedgerKind.REFUND
         )
     ).first()
+
+
+# a refund of a charge other than its cycle's first refund: "<charge key>-r<n>"
+_REFUND_OF_CHARGE = re.compile(r"^(?P<charge>.+-c[0-9]+-a[0-9]+)-r[0-9]+$")
+
+
+def refund_key_of_charge(charge_key: str, ordinal: int) -> str:
+    """The key of a charge's ``ordinal``-th refund (the cycle's first refund of its first
+    charge keeps the older ``<prefix>-r<cycle>``)."""
+    return f"{charge_key}-r{ordinal}"
+
+
+def charge_refunded_by(session: Session, refund_key: str, subscription_id: int,
+                       cycle: int) -> LedgerEntry | None:
+    """The charge a refund key refunds: the one it names, else its cycle's first charge."""
+    named = _REFUND_OF_CHARGE.match(refund_key)
+    if named is not None:
+        charge = find_by_key(session, named["charge"])
+        if charge is None or charge.kind != LedgerKind.CHARGE or (
+                charge.subscription_id, charge.cycle) != (subscription_id, cycle):
+            return None
+        return charge
+    return charge_for_cycle(session, subscription_id, cycle)
+
+
+def refunded_minor(session: Session, charge: LedgerEntry) -> int:
+    """What the ledger holds as refunded of ``charge``."""
+    return sum(entry.amount_minor for entry in session.exec(
+        select(LedgerEntry).where(LedgerEntry.refunds_entry_id == charge.id,
+                                  LedgerEntry.kind == LedgerKind.REFUND)))

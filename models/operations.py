@@ -166,3 +166,17 @@ def charges_in_flight_minor(session: Session, subscriber_id: int) -> int:
                                                 OperationState.UNSETTLED]))
     ).one()
     return int(total)
+
+
+def refunds_in_flight_minor(session: Session, subscription_id: int, cycle: int,
+                            except_key: str) -> int:
+    """Refunds of a cycle sent (or being sent) and not yet in the ledger: a new refund must
+    leave room for them, whatever they turn out to be."""
+    rows = session.exec(select(CarrierOperation).where(
+        CarrierOperation.subscription_id == subscription_id, CarrierOperation.cycle == cycle,
+        CarrierOperation.kind == LedgerKind.REFUND,
+        CarrierOperation.idempotency_key != except_key,
+        col(CarrierOperation.state).in_([OperationState.SENDING, OperationState.PENDING,
+                                         OperationState.RETRYABLE,
+                                         OperationState.UNSETTLED]))).all()
+    return sum(row.amount_minor for row in rows)

@@ -125,7 +125,10 @@ class Smsc:
         self.core = core
         # carrier id -> short code -> price
         self.tariffs = tariffs
-        self.sessions: dict[str, Session] = {}
+        # bound sessions per carrier, newest last: an account may hold several binds (as real
+        # SMSCs allow), and a receipt goes back on the bind that submitted its message
+        self.sessions: dict[str, list[Session]] = {}
+        self.origin: dict[str, Session] = {}
         self.queued: dict[str, list[DeliverSm]] = {}
         # message id -> what query_sm answers; message ids of this run start with the epoch
         self.messages: dict[str, Message] = {}
@@ -160,8 +163,9 @@ class Smsc:
             self._control = None
         if self._server is not None:
             self._server.close()
-            for session in list(self.sessions.values()):
-                session.writer.close()
+            for sessions in list(self.sessions.values()):
+                for session in sessions:
+                    session.writer.close()
             await self._server.wait_closed()
 
     def _later(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -201,8 +205,9 @@ class Smsc:
         finally:
             writer.close()
             if session is not None:
-                if self.sessions.get(session.carrier.carrier_id) is session:
-                    del self.sessions[session.carrier.carrier_id]
+                bound = self.sessions.get(session.carrier.carrier_id, [])
+                if session in bound:
+                    bound.remove(session)
                 # never acknowledged: the ESME may not have them; offer them again
                 for receipt in self._take_unacked(session):
                     await self._deliver(session.carrier.carrier_id, receipt)
@@ -222,12 +227,8 @@ class Smsc:
             await writer.drain()
             return None
         pending: list[DeliverSm] = []
-        old = self.sessions.get(carrier.carrier_id)
-        if old is not None:  # one session per carrier: the newest bind replaces the old one
-            pending = self._take_unacked(old)
-            old.writer.close()
         session = Session(carrier, writer)
-        self.sessions[carrier.carrier_id] = session
+        self.sessions.setdefault(carrier.carrier_id, []).append(session)
         await session.send(BindTransceiverResp(system_id="SIMSMSC", sequence_num=bind.sequence_num))
         # kept while nobody was bound, or sent and never acknowledged
         pending += self.queued.pop(carrier.carrier_id, [])
@@ -240,14 +241,17 @@ class Smsc:
         if receipt is not None and status != SmppCommandStatus.ESME_ROK:
             # the ESME could not take it now: offer it again a little later
             self._later(self._deliver(session.carrier.carrier_id, receipt,
-                                      REDELIVERY_DELAY_SECONDS))
+                                      REDELIVERY_DELAY_SECONDS, prefer=session))
 
-    async def _deliver(self, carrier_id: str, receipt: DeliverSm, delay: float = 0.0) -> None:
-        """Sends a receipt on the carrier's bound session, or keeps it until one binds."""
+    async def _deliver(self, carrier_id: str, receipt: DeliverSm, delay: float = 0.0,
+                       prefer: Session | None = None) -> None:
+        """Sends a receipt on the bind that submitted its message (else the carrier's newest
+        bind), or keeps it until one binds."""
         if delay:
             await asyncio.sleep(delay)
-        session = self.sessions.get(carrier_id)
-        if session is None or session.writer.is_closing():
+        bound = [s for s in self.sessions.get(carrier_id, []) if not s.writer.is_closing()]
+        session = prefer if prefer in bound else (bound[-1] if bound else None)
+        if session is None:
             self.queued.setdefault(carrier_id, []).append(receipt)
             return
         sequence = next(session.sequence)
@@ -322,6 +326,7 @@ class Smsc:
             return
         message_id = self.epoch + pysecrets.token_hex(6)
         answer.message_id = message_id
+        self.origin[message_id] = session
         stat, err = "DELIVRD", "000"
         if price is None:  # a notice: free-marked, or from no premium short code
             self._log("notice", carrier.carrier_id, msisdn, submit.source.number,
@@ -373,7 +378,7 @@ class Smsc:
             short_message=receipt_text(carrier, message_id, stat, err, submit.short_message),
             source=PhoneNumber(msisdn.lstrip("+")), destination=submit.source,
             esm_class=0b00000100, registered_delivery=0, optional_params=params)
-        await self._deliver(carrier.carrier_id, receipt)
+        await self._deliver(carrier.carrier_id, receipt, prefer=self.origin.pop(message_id, None))
 
     # -- mobile-originated messages and the phone's view --------------------------------------------
 

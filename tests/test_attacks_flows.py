@@ -3,8 +3,10 @@
 server against the simulators and the game backend over real sockets, and asserts the safe
 outcome (no double charge, no lost refund, no charge without delivery, no delivery without
 payment, nothing over a cap, bad input refused with nothing written, our ledger equal to the
-carrier's books). A test marked ``xfail(strict=True)`` is an attack that succeeds today: its
-reason names the flaw."""
+carrier's books). Ten of these attacks once succeeded (partial refund then compensation,
+colliding refund ids, opt-in codes guessed in one batch, retries through a pause, a status
+overwritten, a late success never delivered, a revoke given up, a failed balance look-up, the
+monthly cap raced on SQLite, a two-part cycle half refundable); each is fixed and stays here."""
 
 from __future__ import annotations
 
@@ -238,12 +240,6 @@ async def test_a_refund_above_a_partial_ladder_charge_is_refused_and_nothing_is_
     await assert_books_match(simulator, engine, carrier_id, msisdn, [sid])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a partial refund followed by the delivery-failure compensation returns only the "
-    "partial amount. RuledCycles.refund reuses refund_key(prefix, cycle) and the child id "
-    "refund-subscription-<id>-cycle-<n>; refund_charge finds the earlier partial refund under "
-    "the same key and answers 'succeeded' with its amount, so the compensation sends nothing: "
-    "the subscriber paid 4.99, got nothing, and is refunded 2.00 (state says 4.00)"))
 async def test_a_partial_refund_then_a_failed_delivery_returns_the_whole_charge(
     no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, game_backend: GameBackendServer, settings: Settings,
@@ -303,13 +299,6 @@ async def test_a_refund_of_a_cycle_whose_charge_is_unsettled_is_refused(
     await finish(client, sid)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a refund of the cycle still settling when the delivery fails (an operator's "
-    "`starter.py refund`, or a request_refund update) makes the compensation start a second "
-    "RefundWorkflow under the same id refund-subscription-<id>-cycle-<n>; "
-    "execute_child_workflow raises WorkflowAlreadyStartedError, which RuledCycles.refund does "
-    "not catch (only ChildWorkflowError), so it escapes bill() and FAILS the subscription "
-    "workflow: no further billing, no compensation recorded"))
 async def test_a_refund_racing_the_delivery_compensation_never_fails_the_subscription(
     no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, game_backend: GameBackendServer, settings: Settings,
@@ -363,11 +352,6 @@ async def test_a_refund_racing_the_delivery_compensation_never_fails_the_subscri
 # -- opt-in -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: the three-tries limit is enforced only when the run coroutine wakes. Updates "
-    "delivered in one workflow task are each validated and handled before conditions are "
-    "re-checked, and _validate_confirm_opt_in does not look at opt_in_failures, so a burst of "
-    "guesses is checked in full (PIN brute force)"))
 async def test_a_burst_of_codes_is_checked_at_most_three_times(
     with_pin: SubscriptionClient, engine: Engine, temporal_env: WorkflowEnvironment,
 ) -> None:
@@ -506,11 +490,6 @@ async def test_a_pause_while_a_charge_is_pending_settles_it_once_never_resends_o
     await assert_books_match(simulator, engine, carrier_id, msisdn, [sid])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING (state): a pause that arrives while a charge settles is overwritten: "
-    "RuledCycles._paid / _conclude_failed call set_status('active') after the charge, so the "
-    "workflow reports status 'active' (and the SubscriptionStatus search attribute says "
-    "active) while paused=True and the database row says paused"))
 async def test_a_pause_while_a_charge_is_pending_still_reads_paused_afterwards(
     no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment,
@@ -561,11 +540,6 @@ async def test_resume_of_a_cancelled_subscription_is_refused_while_its_charge_se
     await assert_books_match(simulator, engine, carrier_id, msisdn, [sid])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: pause does not stop the retries of a cycle already past due. "
-    "RuledCycles._after_short_funds sleeps until the retry and bill() charges again without "
-    "looking at state.paused (only cancel_requested stops it), so a subscriber who pauses "
-    "after a failed charge is debited hours later, while paused"))
 async def test_a_pause_during_a_retry_wait_sends_no_charge_until_resumed(
     no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment,
@@ -670,13 +644,6 @@ async def test_a_charge_in_flight_on_another_subscription_counts_against_the_mon
                              [first.subscription_id, second.subscription_id])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: on SQLite (the embedded default) the cap guard is not serialised. "
-    "BillingActivities._begin 'locks' the subscriber row with SELECT ... FOR UPDATE, which "
-    "SQLite ignores, and reads spend + in-flight before ops.reserve commits; two charges of "
-    "one subscriber checked at the same moment both read 0 and both pass: 3.99 + 0.79 "
-    "charged under a 4.50 cap. (Here the two checks are made to read before either writes; "
-    "left to chance the race is lost about one run in three.)"))
 async def test_two_subscriptions_due_at_the_same_moment_cannot_both_pass_the_cap(
     temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings, worker: Any,
     simulator: Simulator, monkeypatch: pytest.MonkeyPatch,
@@ -709,9 +676,10 @@ async def test_two_subscriptions_due_at_the_same_moment_cannot_both_pass_the_cap
         await finish(client, started.subscription_id)
     await assert_books_match(simulator, engine, carrier_id, msisdn,
                              [s.subscription_id for s in subs])
-    if not overlapped and charged <= 450:
-        # the worker ran the two checks one after the other: the race was not exercised
-        pytest.xfail("the two cap checks did not overlap in this run")
+    # the check and the operation it records hold the write lock (SQLite) or the subscriber's
+    # row (PostgreSQL): the second check waits for the first one's record, so the two reads
+    # never overlap and the month stays within the cap
+    assert not overlapped
     assert 0 < charged <= 450, charged
 
 
@@ -792,11 +760,6 @@ async def test_a_grant_made_but_never_confirmed_is_revoked_and_the_charge_refund
     await assert_books_match(simulator, engine, carrier_id, msisdn, [sid])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a revoke that keeps failing is given up after 30 minutes and the payment is "
-    "refunded anyway (RuledCycles._deliver logs 'revoking ... failed' and goes on to refund); "
-    "the Delivery row already says REVOKED, so nothing ever retries the revoke: the grant "
-    "stays active at the game backend with the money returned (delivery without payment)"))
 async def test_a_refund_after_a_failed_delivery_leaves_no_grant_standing(
     no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, game_backend: GameBackendServer, settings: Settings,
@@ -813,11 +776,17 @@ async def test_a_refund_after_a_failed_delivery_leaves_no_grant_standing(
         await game_backend.control("faults", {"kind": kind, "operation": operation,
                                               "count": 1 if kind == "drop" else 10_000,
                                               "subscriber_ref": ref})
-    state = await until(temporal_env, no_opt_in.handle(sid),
-                        lambda s: s.recent_cycles != [] and s.recent_cycles[-1].delivery
-                        is not None, step=timedelta(minutes=10), rounds=30)
+    # the grant's answer is lost and the game stays down for hours: the revoke is retried
+    # (for up to a day) before the payment goes back
+    await until(temporal_env, no_opt_in.handle(sid),
+                lambda s: s.delivery_failures == 1, step=timedelta(minutes=10), rounds=30)
+    await temporal_env.sleep(timedelta(hours=3))
+    assert net_minor(ledger_of(engine, sid)) > 0  # not refunded while the grant stands
     await game_backend.control("faults", {"kind": "clear"})
-    await temporal_env.sleep(timedelta(days=1))  # time for anything that would retry
+    state = await until(temporal_env, no_opt_in.handle(sid),
+                        lambda s: s.recent_cycles[-1].delivery is not None,
+                        step=timedelta(minutes=30), rounds=60)
+    assert state.revokes_owed == []
     grants = await grants_of(game_backend, started.key_prefix)
     refunded = net_minor(ledger_of(engine, sid)) == 0
     await finish(no_opt_in, sid)
@@ -826,12 +795,6 @@ async def test_a_refund_after_a_failed_delivery_leaves_no_grant_standing(
     assert [g["status"] for g in grants] == ["revoked"], grants
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a charge left unsettled and settled later as succeeded is never delivered nor "
-    "refunded. The cycle is remembered as 'unsettled' with amount 0; the LateSettlementWorkflow "
-    "only signals operation_settled(key, still_unsettled), which SubscriptionWorkflow uses "
-    "for bookkeeping; the outcome is not even in SettledNotice. The money is in the ledger "
-    "and the carrier's books, and request_refund refuses the cycle ('has no charge')"))
 async def test_a_charge_settled_late_as_succeeded_is_delivered_or_refunded(
     temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings, worker: Any,
     simulator: Simulator, game_backend: GameBackendServer,
@@ -929,12 +892,6 @@ async def test_a_failed_balance_look_up_at_the_carrier_charges_full_price_first(
     await assert_books_match(simulator, engine, carrier_id, msisdn, [sid])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a balance look-up failing on our side fails the whole subscription. "
-    "check_balance catches only the carrier call; our own error (here the subscriber's "
-    "MSISDN cannot be read) is raised, retried 3 times (maximum_attempts=3), and "
-    "RuledCycles._rung_for_balance does not catch the ActivityError, which escapes bill() and "
-    "run(): the workflow FAILS instead of charging at full price (or waiting)"))
 async def test_a_balance_look_up_failing_on_our_side_never_fails_the_subscription(
     no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch,
@@ -973,12 +930,6 @@ async def test_a_balance_look_up_failing_on_our_side_never_fails_the_subscriptio
     assert status == WorkflowExecutionStatus.RUNNING, status
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a cycle paid in two parts (ladder payment + remainder collected later, "
-    "collect_later) is refunded only in part. The remainder's CycleResult is never remembered, "
-    "so request_refund's validator and default amount know only the first part; refund_charge "
-    "refunds one ledger charge (ledger.charge_for_cycle) under the single per-cycle refund key, "
-    "so 'refund the cycle' returns 44.50 of the 89.00 paid and no second refund is possible"))
 async def test_a_cycle_paid_in_two_parts_is_refunded_in_full(
     no_opt_in: SubscriptionClient, simulator: Simulator, engine: Engine,
     temporal_env: WorkflowEnvironment,

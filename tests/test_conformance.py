@@ -356,11 +356,15 @@ def test_every_carrier_is_under_each_declared_clause() -> None:
 
 @carriers()
 async def test_charge_succeeds_and_debits_once(harness: Harness) -> None:
-    result = await harness.charge(harness.charge_request())
+    request = harness.charge_request()
+    result = await harness.charge(request)
     assert result.outcome is Outcome.SUCCEEDED and result.carrier_reference
     assert await harness.debits() == 1
     assert await harness.balance() == Decimal("1000") - harness.price()
-    operations = [r.operation for r in harness.records]
+    # (an SMSC may hand any bind of the account a receipt of another bind's message: only
+    # this charge's records count)
+    operations = [r.operation for r in harness.records
+                  if r.operation != "receipt" or r.idempotency_key == request.idempotency_key]
     assert operations[0] == "charge" and set(operations[1:]) <= {"status", "receipt"}
 
 

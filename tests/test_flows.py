@@ -556,9 +556,9 @@ async def test_a_refused_delivery_on_a_carrier_without_refunds_is_shown_as_a_ref
 ) -> None:
     """Premium SMS cannot be refunded through the carrier: the money is owed and an operator
     sees it (BillingIssue refund_owed), never silently kept."""
-    msisdn = new_msisdn("gb-mersey", "flows-owed")
-    due = await next_weekday(temporal_env, "Europe/London", 11)
-    started = await subscribe_to(no_opt_in, "gb-mersey-pass-weekly", msisdn,
+    msisdn = new_msisdn("ke-safari", "flows-owed")
+    due = await next_weekday(temporal_env, "Africa/Nairobi", 11)
+    started = await subscribe_to(no_opt_in, "ke-safari-pass-weekly", msisdn,
                                  first_charge_at=due.astimezone(UTC))
     subscriber = subscriber_of(engine, started.subscription_id)
     await game_backend.control("faults", {

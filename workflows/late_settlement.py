@@ -33,7 +33,8 @@ class LateSettlementWorkflow:
             try:
                 await workflow.get_external_workflow_handle(settled.workflow_id).signal(
                     "operation_settled",
-                    SettledNotice(settled.idempotency_key, settled.still_unsettled))
+                    SettledNotice(settled.idempotency_key, settled.still_unsettled,
+                                  settled.outcome, settled.amount_minor))
             except FailureError:
                 pass  # that workflow has ended: the operation record is what counts
         return settled

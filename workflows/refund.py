@@ -42,7 +42,8 @@ class RefundWorkflow:
                                             non_retryable=True)
         key = request.idempotency_key
         refund = RefundInput(request.subscription_id, request.cycle, request.reason,
-                             idempotency_key=key, amount_minor=request.amount_minor)
+                             idempotency_key=key, amount_minor=request.amount_minor,
+                             at_most=request.at_most)
 
         async def attempt(report: CarrierReport | None, summary: str) -> RefundOutput:
             return await workflow.execute_activity_method(

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         refund_key,
     )
     from activities.notices import NoticeInput
+    from models.ledger import refund_key_of_charge
     from models.money import format_major
     from rules import caps as cap_rules
     from rules import ladder as ladder_rules
@@ -68,6 +69,11 @@ DELIVERY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2),
                              maximum_interval=timedelta(minutes=5),
                              non_retryable_error_types=["ConfigurationError"])
 DELIVERY_DEADLINE = timedelta(hours=1)
+# taking a grant back after its payment failed delivery: retried for a day, then owed
+REVOKE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5),
+                           maximum_interval=timedelta(minutes=10),
+                           non_retryable_error_types=["ConfigurationError"])
+REVOKE_DEADLINE = timedelta(days=1)
 # caps that roll over with time: a charge over one waits for the roll-over
 ROLLING_CAPS = ("per_day", "per_week", "per_month", "subscription_per_month",
                 "max_attempts_per_day")
@@ -121,6 +127,21 @@ class RuledCycles:
             state.refusals += 1
         workflow.logger.info("%s by %s: %s", kind, rule, detail)
         workflow.set_current_details(f"{kind}: {detail} ({rule})")
+
+    def _settle_status(self) -> None:
+        """Active again after a cycle, unless paused or suspended meanwhile."""
+        state = self._host.billing
+        self._host.set_status("suspended" if state.suspended else
+                              "paused" if state.paused else "active")
+
+    async def hold_while_paused(self) -> bool:
+        """A pause (or a suspension) holds new attempts, even a cycle's retries; False if a
+        cancel came meanwhile."""
+        state = self._host.billing
+        if state.paused or state.suspended:
+            await workflow.wait_condition(
+                lambda: not (state.paused or state.suspended) or state.cancel_requested)
+        return not state.cancel_requested
 
     async def wait_allowed(self, cycle: int, rules: ChargingRules) -> bool:
         """Waits until the windows allow a charge; False if a cancel came first."""
@@ -189,7 +210,7 @@ class RuledCycles:
                     self._conclude_failed(cycle, due, attempt, outcome)
                     return
                 continue
-            if not await self.wait_allowed(cycle, rules):
+            if not await self.hold_while_paused() or not await self.wait_allowed(cycle, rules):
                 continue
             amount = rungs[attempt.rung]
             attempt.attempts += 1
@@ -214,8 +235,9 @@ class RuledCycles:
                 if late is None:
                     host.remember(CycleResult(cycle, due, settled.kind, attempt.attempts, None,
                                               settled.result.carrier_code if settled.result
-                                              else None, amount_minor=0))
-                    host.set_status("active")
+                                              else None, amount_minor=0,
+                                              charge_key=charge.idempotency_key))
+                    self._settle_status()
                     return
                 settled = late
             result = settled.result
@@ -227,7 +249,7 @@ class RuledCycles:
                     state.cycles_not_charged += 1
                 host.remember(CycleResult(cycle, due, outcome, attempt.attempts, None,
                                           attempt.last_code))
-                host.set_status("active")
+                self._settle_status()
                 return
             if result.outcome == "refused_by_rule":
                 assert result.refusal is not None
@@ -254,13 +276,18 @@ class RuledCycles:
         """The first price point the balance covers (len(rungs): none), by the carrier's
         policy; an unknown balance changes nothing."""
         subscription = self._host.subscription
-        answer: BalanceOutput = await workflow.execute_activity_method(
-            BillingActivities.check_balance,
-            BalanceInput(subscription.subscription_id, subscription.subscriber_id,
-                         subscription.carrier_id, subscription.plan.currency),
-            task_queue=subscription.carrier_task_queue,
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_attempts=3), summary="balance check")
+        try:
+            answer: BalanceOutput = await workflow.execute_activity_method(
+                BillingActivities.check_balance,
+                BalanceInput(subscription.subscription_id, subscription.subscriber_id,
+                             subscription.carrier_id, subscription.plan.currency),
+                task_queue=subscription.carrier_task_queue,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3), summary="balance check")
+        except ActivityError as err:
+            # a look-up that failed (ours or theirs) says nothing: charge as if unknown
+            workflow.logger.warning("balance look-up failed: %s", err.cause or err)
+            return 0
         available = answer.available_minor
         if available is None or available >= rungs[0] or rules.balance_policy == "charge_full":
             return 0
@@ -310,7 +337,7 @@ class RuledCycles:
         self._host.remember(CycleResult(cycle, due, outcome, attempt.attempts, None,
                                         attempt.last_code))
         if not state.suspended:
-            self._host.set_status("active")
+            self._settle_status()
 
     async def _wait_for_cap(self, cycle: int, due: datetime, attempt: Attempt, refusal: Refusal,
                             rules: ChargingRules) -> bool:
@@ -321,7 +348,7 @@ class RuledCycles:
             self.decide("refused", refusal.rule, refusal.figure, cycle)
             self._host.remember(CycleResult(cycle, due, "refused", attempt.attempts, None,
                                             refusal.rule))
-            self._host.set_status("active")
+            self._settle_status()
             return False
         until = cap_rules.next_cap_reset(workflow.now(), refusal, rules)
         self._host.billing.refusals += 1  # refused now, postponed to the cap's roll-over
@@ -347,9 +374,10 @@ class RuledCycles:
             state.partial_payments += 1
         cycle_result = CycleResult(cycle, due, "succeeded", attempt.attempts,
                                    result.carrier_reference, result.carrier_code,
-                                   amount_minor=amount, partial=partial)
+                                   amount_minor=amount, partial=partial,
+                                   charge_key=host.key(cycle, attempt.slot))
         host.remember(cycle_result)
-        host.set_status("active")
+        self._settle_status()
         if rules.receipt_after_charge:
             await self.notify("receipt", f"{host.key(cycle, attempt.slot)}-receipt",
                               {"price": self.price_text(amount)})
@@ -380,7 +408,7 @@ class RuledCycles:
             attempt.retries += 1
             state.retries_on_day += 1
             state.insufficient_funds_retries += 1
-            if not await self.wait_allowed(cycle, rules):
+            if not await self.hold_while_paused() or not await self.wait_allowed(cycle, rules):
                 return
             attempt.slot += 1
             charge = ChargeInput(
@@ -411,12 +439,30 @@ class RuledCycles:
             if result.outcome == "succeeded":
                 state.amount_charged_minor += remainder
                 state.remainders_collected += 1
+                paid = next((r for r in state.recent_cycles if r.cycle == cycle), None)
+                if paid is not None:
+                    paid.remainder_minor, paid.remainder_key = remainder, charge.idempotency_key
                 grant = CycleResult(cycle, due, "succeeded", 1, result.carrier_reference,
-                                    amount_minor=remainder, partial=True)
+                                    amount_minor=remainder, partial=True,
+                                    charge_key=charge.idempotency_key)
                 await self._deliver(grant, remainder, charge.idempotency_key, refund=False)
                 return
             if result.outcome != "insufficient_funds":
                 return
+
+    async def paid_late(self, key: str, amount: int) -> None:
+        """A charge left unsettled turned out to have succeeded: its cycle is paid, and what
+        was paid for is delivered (or the payment returned, if it cannot be)."""
+        state = self._host.billing
+        result = next((r for r in state.recent_cycles if r.charge_key == key
+                       and r.outcome in ("unsettled", "error")), None)
+        if result is None or amount <= 0:
+            return
+        result.outcome, result.amount_minor = "succeeded", amount
+        result.partial = amount < self._host.subscription.plan.amount_minor
+        state.charges_succeeded += 1
+        state.amount_charged_minor += amount
+        await self._deliver(result, amount, key)
 
     def _service_seconds(self, amount: int) -> int | None:
         plan = self._host.subscription.plan
@@ -454,11 +500,6 @@ class RuledCycles:
         except ActivityError as err:
             reason = f"delivery failed: {err.cause or err}"
         state.delivery_failures += 1
-        if not refund:
-            # (a remainder's grant: its charge is not the cycle's refundable one) owed, shown
-            state.refunds_owed.append(cycle_result.cycle)
-            host.refresh_issue()
-            return
         workflow.logger.warning("cycle %s not delivered (%s): refunding", cycle_result.cycle,
                                 reason)
         # the grant may have happened with its answer lost: revoke it before the refund
@@ -466,12 +507,28 @@ class RuledCycles:
             await workflow.execute_activity(
                 "revoke_delivery", RevokeInput(key, reason),
                 start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=timedelta(minutes=30),
+                schedule_to_close_timeout=REVOKE_DEADLINE, retry_policy=REVOKE_RETRY,
                 summary=f"revoke cycle {cycle_result.cycle}")
         except ActivityError as err:
+            # the money goes back all the same (nothing charged without delivery); the grant
+            # the game could not take back is owed back, and shown
             workflow.logger.error("revoking %s failed: %s", key, err.cause or err)
-        refunded = await self.refund(cycle_result.cycle, None, f"not delivered: {reason}"[:200])
-        if refunded.outcome == "succeeded":
+            state.revokes_owed.append(cycle_result.cycle)
+            del state.revokes_owed[:-DECISIONS_KEPT]
+            host.refresh_issue()
+        why = f"not delivered: {reason}"[:200]
+        if refund:
+            refunded = await self.refund(cycle_result.cycle, None, why)
+        else:  # a remainder's own charge: only it is returned
+            refunded = await self._refund_charge(cycle_result.cycle, charge_key, False, None, why)
+            if refunded.outcome == "succeeded":
+                state.refunds += 1
+                state.refunded_minor += refunded.amount_minor
+                paid = next((r for r in state.recent_cycles if r.cycle == cycle_result.cycle),
+                            None)
+                if paid is not None:
+                    paid.refunded_minor += refunded.amount_minor
+        if refunded.outcome in ("succeeded", "nothing_left"):
             cycle_result.delivery = "refunded"
             return
         # paid and not delivered, and the carrier did not take the refund: owed, and shown
@@ -481,30 +538,84 @@ class RuledCycles:
         host.refresh_issue()
 
     async def refund(self, cycle: int, amount_minor: int | None, reason: str) -> RefundOutput:
-        """Refunds (part of) a cycle's charge through the carrier: a child workflow whose id
-        allows one refund per cycle, settled like any other operation."""
+        """Refunds ``amount_minor`` of what a cycle paid (None: all that is left), through the
+        carrier: one child workflow per refund of each charge of the cycle (the first charge,
+        then a remainder collected later), each under a key of its own. The activity never
+        refunds more than is left of a charge, counting refunds still in flight."""
+        state = self._host.billing
+        result = next((r for r in state.recent_cycles if r.cycle == cycle), None)
+        charges = [] if result is None else [
+            (key, paid) for key, paid in ((result.charge_key, result.amount_minor),
+                                          (result.remainder_key, result.remainder_minor))
+            if paid > 0]
+        if not charges:  # (a cycle this state no longer holds: its first charge)
+            charges = [(None, amount_minor or 0)]
+        left = amount_minor
+        total = 0
+        outcome = "nothing_left"
+        last: RefundOutput | None = None
+        for index, (charge_key, _paid) in enumerate(charges):
+            if left is not None and left <= 0:
+                break
+            # each charge gives what is left of it, up to what is still to refund
+            output = await self._refund_charge(cycle, charge_key, index == 0, left, reason,
+                                               at_most=len(charges) > 1)
+            last = output
+            if output.outcome == "succeeded":
+                total += output.amount_minor
+                outcome = "succeeded"
+                if left is not None:
+                    left -= output.amount_minor
+            elif output.outcome != "nothing_left":
+                outcome = output.outcome
+                break
+        if total:
+            state.refunds += 1
+            state.refunded_minor += total
+            if result is not None:
+                result.refunded_minor += total
+        currency = self._host.subscription.plan.currency
+        if outcome in ("succeeded", "nothing_left"):
+            return RefundOutput(outcome, total, currency)
+        assert last is not None
+        return RefundOutput(outcome, total, currency, last.carrier_reference, last.carrier_code,
+                            last.message)
+
+    async def _refund_charge(self, cycle: int, charge_key: str | None, first_charge: bool,
+                             amount_minor: int | None, reason: str, at_most: bool = False
+                             ) -> RefundOutput:
         host, state = self._host, self._host.billing
         subscription = host.subscription
         plan = subscription.plan
-        request = RefundRequestInput(
-            subscription.subscription_id, cycle, reason, plan.settle_delays_seconds,
-            subscription.carrier_id, refund_key(host.key_prefix(), cycle),
-            plan.settle_deadline_seconds, subscription.carrier_task_queue, amount_minor)
-        try:
-            output: RefundOutput = await workflow.execute_child_workflow(
-                RefundWorkflow.run, request,
-                id=refund_workflow_id(subscription.subscription_id, cycle),
-                static_summary=f"refund cycle {cycle}: {reason}")
-        except ChildWorkflowError as err:
-            workflow.logger.error("refund of cycle %s failed: %s", cycle, err.cause or err)
-            return RefundOutput("failed", amount_minor or 0, plan.currency, message=str(err.cause))
-        if output.outcome == "succeeded":
-            state.refunds += 1
-            state.refunded_minor += output.amount_minor
-            for result in state.recent_cycles:
-                if result.cycle == cycle:
-                    result.refunded_minor += output.amount_minor
-        return output
+        ordinal_of = charge_key or f"c{cycle}"
+        while True:
+            ordinal = state.refund_ordinals.get(ordinal_of, 0)
+            state.refund_ordinals[ordinal_of] = ordinal + 1
+            if first_charge and ordinal == 0:
+                # the cycle's first refund keeps the key and id an operator's refund uses
+                key = refund_key(host.key_prefix(), cycle)
+                workflow_id = refund_workflow_id(subscription.subscription_id, cycle)
+            elif charge_key is None:
+                return RefundOutput("failed", 0, plan.currency,
+                                    message=f"cycle {cycle}'s charge is not known here")
+            else:
+                key = refund_key_of_charge(charge_key, ordinal)
+                workflow_id = f"refund-{key}"
+            request = RefundRequestInput(
+                subscription.subscription_id, cycle, reason, plan.settle_delays_seconds,
+                subscription.carrier_id, key, plan.settle_deadline_seconds,
+                subscription.carrier_task_queue, amount_minor, at_most)
+            try:
+                return await workflow.execute_child_workflow(
+                    RefundWorkflow.run, request, id=workflow_id,
+                    static_summary=f"refund cycle {cycle}: {reason}")
+            except WorkflowAlreadyStartedError:
+                # another refund holds this id (an operator's): the next key; the activity
+                # counts that one in flight, so the two never return more than was paid
+                continue
+            except ChildWorkflowError as err:
+                workflow.logger.error("refund of cycle %s failed: %s", cycle, err.cause or err)
+                return RefundOutput("failed", 0, plan.currency, message=str(err.cause))
 
 
 NoticeSender = Callable[[str, str, dict[str, str]], Awaitable[None]]

@@ -35,7 +35,8 @@ MAX_SETTLE_ATTEMPTS = 200
 # sends refused outright (nothing happened) before the cycle is given up as not charged
 MAX_TRANSIENT_ATTEMPTS = 200
 # (refused_by_rule: our own rule stopped the charge before anything was recorded or sent)
-FINAL = ("succeeded", "insufficient_funds", "rejected", "refused_by_rule")
+# (nothing_left: a refund of "what is left" of a charge already wholly refunded: not sent)
+FINAL = ("succeeded", "insufficient_funds", "rejected", "refused_by_rule", "nothing_left")
 
 
 class SettlementAbandoned(ApplicationError):

@@ -63,7 +63,8 @@ CALENDAR_PERIODS = ("daily", "weekly", "monthly")
 RENEWAL_SPREAD_STRIDE = 7919  # seconds; prime, so consecutive ids spread over the hour
 REFUND_REQUESTS_KEPT = 50
 # BillingIssue values, the most urgent first
-ISSUE_PRIORITY = ("configuration", "refund_owed", "unsettled", "credentials_rejected")
+ISSUE_PRIORITY = ("configuration", "refund_owed", "unsettled", "revoke_owed",
+                  "credentials_rejected")
 
 
 @workflow.defn(name="SubscriptionWorkflow")
@@ -75,6 +76,8 @@ class SubscriptionWorkflow:
         self._cancel_recorded: asyncio.Task[None] | None = None
         self._transient_issue: str | None = None
         self._cycles = RuledCycles(self)
+        # deliveries of charges settled late (started by a signal, awaited before the run ends)
+        self._late_work: list[asyncio.Task[None]] = []
         self._pin: str | None = None
         if subscription.state is not None:
             self._state = subscription.state
@@ -110,6 +113,10 @@ class SubscriptionWorkflow:
             self._state.unsettled_keys.remove(notice.idempotency_key)
         self._state.unsettled_count = notice.still_unsettled
         self._refresh_issue()
+        if self._input.rules is not None and notice.outcome == "succeeded":
+            # paid after all: what was paid for is delivered now (or refunded)
+            self._late_work.append(asyncio.create_task(self._cycles.paid_late(
+                notice.idempotency_key, notice.amount_minor)))
 
     @workflow.update(name="cancel")
     async def cancel(self) -> BillingState:
@@ -186,15 +193,22 @@ class SubscriptionWorkflow:
     @workflow.update(name="confirm_opt_in")
     def confirm_opt_in(self, pin: str) -> BillingState:
         """The code the subscriber typed. A wrong one counts; the third ends the opt-in."""
+        if self._pin is None or self._state.opt_in_failures >= OPT_IN_TRIES:
+            # (updates validated together in one task: the count decides, not the validator)
+            raise ApplicationError("this subscription is not waiting for a code",
+                                   type="WrongCode")
         if pin.strip() == self._pin:
             self._state.opted_in = True
             return self._state
         self._state.opt_in_failures += 1
+        if self._state.opt_in_failures >= OPT_IN_TRIES:
+            self._pin = None  # no more guesses: the opt-in ends
         raise ApplicationError("the code does not match", type="WrongCode")
 
     @confirm_opt_in.validator
     def _validate_confirm_opt_in(self, pin: str) -> None:
-        if self._state.status != PENDING_OPT_IN or self._pin is None:
+        if self._state.status != PENDING_OPT_IN or self._pin is None or (
+                self._state.opt_in_failures >= OPT_IN_TRIES):
             raise ValueError("this subscription is not waiting for a code")
         if not pin.strip().isdigit():
             raise ValueError("a code is digits only")
@@ -216,7 +230,7 @@ class SubscriptionWorkflow:
                 for r in state.refund_requests):
             raise ApplicationError(f"cycle {request.cycle} is already refunded or being "
                                    "refunded", type="RefundRefused")
-        amount = request.amount_minor or charged.amount_minor - charged.refunded_minor
+        amount = request.amount_minor or charged.paid_minor - charged.refunded_minor
         record = RefundRecord(request.request_id, request.cycle, amount, reason=request.reason)
         state.refund_requests.append(record)
         del state.refund_requests[:-REFUND_REQUESTS_KEPT]
@@ -244,8 +258,8 @@ class SubscriptionWorkflow:
                                          for r in self._state.refund_requests):
             raise ValueError(f"cycle {request.cycle} is already refunded")
         if request.amount_minor is not None and not (
-                0 < request.amount_minor <= charged.amount_minor):
-            raise ValueError(f"a refund must be between 0 and the {charged.amount_minor} "
+                0 < request.amount_minor <= charged.paid_minor):
+            raise ValueError(f"a refund must be between 0 and the {charged.paid_minor} "
                              f"charged for cycle {request.cycle}")
 
     def _charged_cycle(self, cycle: int) -> CycleResult | None:
@@ -331,6 +345,7 @@ class SubscriptionWorkflow:
             state.next_charge_at = self._due(state.next_cycle)
             if (cycles_this_run >= subscription.cycles_per_run
                     or workflow.info().is_continue_as_new_suggested()):
+                await self._finish_late_work()
                 # a cancel update waits for this run to finish: never make it wait for us
                 await workflow.wait_condition(
                     lambda: workflow.all_handlers_finished() or state.cancel_requested)
@@ -338,6 +353,7 @@ class SubscriptionWorkflow:
                     state.runs += 1
                     workflow.continue_as_new(replace(self._input, state=state))
         await self._record_cancellation()
+        await self._finish_late_work()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return state
 
@@ -561,6 +577,7 @@ class SubscriptionWorkflow:
         present = {
             "configuration": self._state.configuration_error is not None,
             "refund_owed": bool(self._state.refunds_owed),
+            "revoke_owed": bool(self._state.revokes_owed),
             "unsettled": self._state.unsettled_count > 0 or bool(self._state.unsettled_keys),
             "credentials_rejected": self._transient_issue == "credentials_rejected",
         }
@@ -587,6 +604,10 @@ class SubscriptionWorkflow:
             return
         self._state.status = status
         workflow.upsert_search_attributes([sa.SUBSCRIPTION_STATUS.value_set(status)])
+
+    async def _finish_late_work(self) -> None:
+        while self._late_work:
+            await self._late_work.pop()
 
     async def _persist_status(self, status: str) -> None:
         """A status the database must hold too (it keeps one live subscription per product)."""

@@ -63,6 +63,14 @@ class CycleResult:
     partial: bool = False
     # delivered | refunded (delivery failed, money returned) | None: not delivered (yet)
     delivery: str | None = None
+    # the charge's key, and a remainder collected later in the cycle (its own charge)
+    charge_key: str | None = None
+    remainder_minor: int = 0
+    remainder_key: str | None = None
+
+    @property
+    def paid_minor(self) -> int:
+        return self.amount_minor + self.remainder_minor
 
 
 @dataclass
@@ -117,6 +125,11 @@ class BillingState:
     # cycles charged but not delivered whose refund the carrier did not take (it offers none,
     # or refused it): owed to the subscriber, shown as BillingIssue "refund_owed"
     refunds_owed: list[int] = field(default_factory=list)
+    # grants the game could not take back after their payment was refunded: the subscriber
+    # keeps what was refunded (BillingIssue "revoke_owed")
+    revokes_owed: list[int] = field(default_factory=list)
+    # refunds started per charge key: each refund gets a key of its own, never reused
+    refund_ordinals: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,3 +183,5 @@ class RefundRequestInput:
     carrier_task_queue: str | None = None
     # a partial refund (None: the whole charge)
     amount_minor: int | None = None
+    # amount_minor is a ceiling: refund what is left of the charge, up to it
+    at_most: bool = False
