@@ -11,7 +11,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -46,6 +46,8 @@ from models.tables import (
     Subscription,
     SubscriptionStatus,
 )
+from reconciliation.report import report_for
+from reconciliation.schedule import reconcile_now
 from rules.errors import RulesError
 from rules.resolve import resolve_rules
 from rules.types import ChargingRules
@@ -532,6 +534,15 @@ async def _cli(args: argparse.Namespace) -> Any:
         return asdict(await client.change_plan(args.subscription_id, args.price_point))
     if args.command == "opt-in":
         return asdict(await client.confirm_opt_in(args.subscription_id, args.pin))
+    if args.command == "reconcile":
+        day = date.fromisoformat(args.date)
+        settings = get_settings()
+        carriers = [args.carrier] if args.carrier else sorted(client.registry.carriers)
+        if args.run:
+            for carrier_id in carriers:
+                await reconcile_now(client.client, settings.task_queue, day, carrier_id)
+        print(report_for(client.engine, day, args.carrier))
+        return None
     if args.command == "history":
         settings = get_settings()
         opensearch = make_client(settings.opensearch_url) if settings.opensearch_url else None
@@ -570,6 +581,12 @@ def main() -> None:
     opt_in = commands.add_parser("opt-in", help="the code the subscriber received by SMS")
     opt_in.add_argument("subscription_id", type=int)
     opt_in.add_argument("pin")
+    reconcile = commands.add_parser(
+        "reconcile", help="the carriers' settlement reports of a day against the ledger")
+    reconcile.add_argument("--date", required=True, help="YYYY-MM-DD (UTC)")
+    reconcile.add_argument("--carrier")
+    reconcile.add_argument("--run", action="store_true",
+                           help="reconcile now (else: show the report of the last run)")
     commands.add_parser(
         "history", help="a subscriber's payment story: ledger, interactions, workflow history"
     ).add_argument("who", help="an MSISDN or a subscription id")

@@ -11,12 +11,14 @@ from contextlib import AsyncExitStack
 
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 import codec
 from activities.billing import BillingActivities
 from activities.delivery import DeliveryActivities
 from activities.notices import NoticeActivities
+from activities.reconciliation import ReconciliationActivities
 from carriers.loader import Registry, carrier_task_queue, default_registry
 from carriers.pool import AdapterPool
 from keywords.service import attach_mobile_originated
@@ -24,15 +26,18 @@ from models.db import make_engine, migrate, setup_lock
 from models.interactions import InteractionStore
 from models.seed import seed_reference_data
 from models.smpp_store import SubmissionStore
+from reconciliation.schedule import ensure_schedule
 from report_relay import ReportRelay
 from settings import Settings, get_settings
 from statistics_service.metrics import install_prometheus
 from traceability.indexer import OutboxDrainer, make_client
 from workflows.late_settlement import LateSettlementWorkflow
+from workflows.reconciliation import DailyReconciliationWorkflow, ReconciliationWorkflow
 from workflows.refund import RefundWorkflow
 from workflows.subscription import SubscriptionWorkflow
 
-WORKFLOWS = [SubscriptionWorkflow, RefundWorkflow, LateSettlementWorkflow]
+WORKFLOWS = [SubscriptionWorkflow, RefundWorkflow, LateSettlementWorkflow,
+             ReconciliationWorkflow, DailyReconciliationWorkflow]
 
 
 def prepare_database(settings: Settings, registry: Registry) -> Engine:
@@ -85,7 +90,8 @@ def build_worker(
         client,
         task_queue=settings.task_queue,
         workflows=WORKFLOWS,
-        activities=[*activities.all(), *delivery.all(), notices.send_notice],
+        activities=[*activities.all(), *delivery.all(), notices.send_notice,
+                    *ReconciliationActivities(engine, registry, settings.simulator_urls).all()],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
     )]
@@ -130,6 +136,11 @@ async def run_worker(settings: Settings) -> None:
             engine, make_client(settings.opensearch_url)).run(stop))
             if settings.opensearch_url else None)
         async with build_worker(client, settings, engine, adapters, registry):
+            # each carrier's settlement report of the day before, compared with the ledger
+            try:
+                await ensure_schedule(client, settings.task_queue, sorted(registry.carriers))
+            except RPCError as exc:  # (a server without schedules: reconcile on demand)
+                logging.warning("reconciliation schedule not set: %s", exc)
             logging.info("worker polling %s and its carrier queues on %s", settings.task_queue,
                          settings.temporal_address)
             await stop.wait()

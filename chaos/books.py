@@ -141,7 +141,7 @@ def reconcile(snapshot: Snapshot, scope: set[int] | None = None) -> Check:
     def in_scope(subscription_id: int | None) -> bool:
         return scope is None or (subscription_id is not None and subscription_id in scope)
 
-    ledger = {row.key: row for row in snapshot.ledger if row.kind == "charge"}
+    ledger = {row.key: row for row in snapshot.ledger if row.kind in ("charge", "reconciled")}
     ledger_by_ref = {(row.carrier_id, row.carrier_reference): row for row in ledger.values()}
     ops = {op.key: op for op in snapshot.operations if op.kind == "charge"}
     by_message = {(s.carrier_id, s.message_id): s.key for s in snapshot.submissions

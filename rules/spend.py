@@ -61,7 +61,8 @@ def spend_so_far(session: Session, subscriber_id: int, subscription_id: int, at:
     ).all()
     totals = {"day": 0, "week": 0, "month": 0, "subscription": 0}
     for kind, amount, committed, sub_id in rows:
-        signed = amount if kind == LedgerKind.CHARGE else -amount
+        # a charge settled by reconciliation is money taken like any other
+        signed = amount if kind in (LedgerKind.CHARGE, LedgerKind.RECONCILED) else -amount
         moment = _utc(committed)
         for name, (start, end) in (("day", day), ("week", week), ("month", month)):
             if start <= moment < end:
