@@ -427,7 +427,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     console.print("starting the game backend, OpenSearch (in memory) and the statistics page …")
     game_url = stack.start_game_backend()
     opensearch_url = stack.start_opensearch()
-    statistics_url = stack.start_statistics(opensearch_url)
+    statistics_url = stack.start_statistics(opensearch_url, db_url)
     settings = Settings(database_url=db_url, simulator_urls=simulator_urls,
                         carrier_secrets=stack.carrier_secrets, game_backend_url=game_url,
                         notice_carrier_id=NOTICE_CARRIER, opensearch_url=opensearch_url,

@@ -119,12 +119,13 @@ class Stack:
         self._opensearch = OsmemServer.start(addr=f"127.0.0.1:{port}", japanese=False)
         return str(self._opensearch.url)
 
-    def start_statistics(self, opensearch_url: str, port: int = 8090) -> str:
-        """The statistics page; returns its URL."""
+    def start_statistics(self, opensearch_url: str, database_url: str, port: int = 8090) -> str:
+        """The statistics page (with the reconciliation reports); returns its URL."""
         if not port_is_free(port):
             raise RuntimeError(f"port {port} is taken: is another statistics page running?")
         self.spawn("statistics", [sys.executable, "-m", "statistics_service.server", "--port",
-                                  str(port), "--opensearch", opensearch_url])
+                                  str(port), "--opensearch", opensearch_url, "--database-url",
+                                  database_url])
         wait_for_port(port)
         return f"http://127.0.0.1:{port}/"
 

@@ -16,6 +16,18 @@ def _amount(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+def latest_runs(engine: Engine, limit: int = 50) -> list[dict[str, object]]:
+    """The latest reconciliation runs, one row per carrier and day, for the statistics page."""
+    with Session(engine) as session:
+        runs = session.exec(select(ReconciliationRun).order_by(
+            col(ReconciliationRun.day).desc(), col(ReconciliationRun.carrier_id)).limit(limit))
+        return [{"day": run.day.isoformat(), "carrier": run.carrier_id,
+                 "final": run.final, "report rows": run.report_rows, "missing": run.missing,
+                 "extra": run.extra, "amount differs": run.amount_differs,
+                 "reconciled": run.reconciled, "not charged": run.not_charged,
+                 "unresolved": run.unresolved} for run in runs]
+
+
 def report_for(engine: Engine, day: date, carrier_id: str | None = None) -> str:
     """A printable summary of ``day``'s reconciliation (every carrier, or one). Amounts in
     minor units. Its last line is ``reconciliation mismatches: N``, N the mismatches no

@@ -112,11 +112,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--opensearch", required=True, help="OpenSearch URL")
     parser.add_argument("--window", default="24h", help="default sliding window, e.g. 60m, 24h")
+    parser.add_argument("--database-url", default=None,
+                        help="the ledger's database: shows the reconciliation reports")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     client: SearchClient = OpenSearch(hosts=[args.opensearch])
+    summary = None
+    if args.database_url:
+        from models.db import make_engine
+        from reconciliation.report import latest_runs
+
+        engine = make_engine(args.database_url)
+
+        def summary() -> list[dict[str, object]]:
+            return latest_runs(engine)
+
     service = StatisticsApp(client, RevenueTerms.from_rules(shipped_rules()),
-                            parse_window(args.window))
+                            parse_window(args.window), reconciliation_summary=summary)
     print(f"statistics on http://{args.host}:{args.port}/", flush=True)
     web.run_app(service.app(), host=args.host, port=args.port, access_log=None, print=None)
 
