@@ -18,6 +18,7 @@ import json
 import random
 import re
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -360,6 +361,26 @@ async def reconcile_today(client: SubscriptionClient, subscribers: list[DemoSubs
 
 
 RECONCILE_TIMEOUT_SECONDS = 60.0
+CHROMIUM = "/usr/bin/chromium"
+
+
+async def screenshot(url: str, path: Path) -> str:
+    """The statistics page as a headless Chromium renders it (bounded in time)."""
+    if not Path(CHROMIUM).exists():
+        return f"not taken: {CHROMIUM} is missing (scripts/ensure-chromium.sh installs it)"
+    path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        process = await asyncio.create_subprocess_exec(
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+            "--window-size=1280,2200", "--virtual-time-budget=5000", f"--screenshot={path}",
+            url, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await asyncio.wait_for(process.wait(), 60)
+        except TimeoutError:
+            process.kill()
+            return "not taken: chromium did not finish within 60 s"
+    return str(path) if path.exists() else "not taken: chromium wrote nothing"
 
 
 async def index_everything(engine: Engine, opensearch_url: str) -> tuple[int, int]:
@@ -485,6 +506,8 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
     indexed, total = await index_everything(engine, opensearch_url)
     console.print(f"interactions indexed: {indexed} of {total}")
     console.print(f"statistics: {statistics_url}")
+    if args.screenshot is not None:
+        console.print(f"statistics screenshot: {await screenshot(statistics_url, args.screenshot)}")
     console.print("\nTemporal UI: [bold]http://localhost:8233[/bold]  "
                   "(try the query: SubscriptionStatus = 'cancelled' AND CountryCode = 'JP')")
 
@@ -495,6 +518,8 @@ def main() -> None:
     parser.add_argument("--subscriptions", type=int, default=300)
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--screenshot", type=Path, default=None,
+                        help="save the statistics page as a headless Chromium renders it")
     parser.add_argument("--no-hold", "--exit", dest="no_hold", action="store_true",
                         help="wind down and exit after the summary")
     args = parser.parse_args()
