@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import literal as sa_literal
 from sqlalchemy import update as sa_update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -68,7 +69,11 @@ from models.tables import (
 from rules.caps import first_refusal
 from rules.spend import spend_so_far
 from rules.types import Refusal
-from traceability.documents import rule_decision_document
+from traceability.documents import (
+    remember_operation,
+    remember_subscription,
+    rule_decision_document,
+)
 from traceability.outbox import enqueue
 
 log = logging.getLogger(__name__)
@@ -144,34 +149,36 @@ class BillingActivities:
                guard: Callable[[Session, Subscriber], Refusal | None] | None = None
                ) -> _Context | Refusal:
         with Session(self._engine, expire_on_commit=False) as session:
-            if guard is not None and ops.find(session, spec.idempotency_key) is None:
-                # a new charge: the subscriber's row is locked (PostgreSQL) while the caps are
-                # read and the operation recorded, so two subscriptions cannot both slip under
+            # read once: whether the key is new decides the guard, and the reservation
+            # starts from it (a new key reserved meanwhile fails on its unique index)
+            existing = ops.find(session, spec.idempotency_key)
+            # a new charge: the subscriber's row is locked (PostgreSQL) while the caps are
+            # read and the operation recorded, so two subscriptions cannot both slip under
+            guarded = guard is not None and existing is None
+            if guarded:
                 # a no-op write locks the subscriber's row (PostgreSQL) or the database for
                 # writing (SQLite, which ignores FOR UPDATE) until the operation is recorded
                 session.execute(sa_update(Subscriber).where(col(Subscriber.id) == subscriber_id)
                                 .values(id=Subscriber.id))
-                subscriber = session.get(Subscriber, subscriber_id)
-                if subscriber is None:
-                    raise ConfigurationError(f"subscriber {subscriber_id} does not exist")
+            subscription, subscriber = _subscription_and_subscriber(
+                session, spec.subscription_id, subscriber_id)
+            if guard is not None and guarded:
                 refusal = guard(session, subscriber)
                 if refusal is not None:
                     session.rollback()
                     return refusal
             done = ledger.find_by_key(session, spec.idempotency_key)
-            subscription = session.get(Subscription, spec.subscription_id)
-            if subscription is None:
-                raise ConfigurationError(f"subscription {spec.subscription_id} does not exist")
-            subscriber = session.get(Subscriber, subscriber_id or subscription.subscriber_id)
-            if subscriber is None:
-                raise ConfigurationError(f"subscriber {subscriber_id} does not exist")
+            msisdn = subscriber.msisdn
             original = None
             if spec.kind is LedgerKind.REFUND:
                 charge = ledger.charge_refunded_by(session, spec.idempotency_key,
                                                    spec.subscription_id, spec.cycle)
                 original = charge.carrier_reference if charge else None
-            reservation = ops.reserve(session, spec)
-            return _Context(subscriber.msisdn, reservation.operation,
+            # documents written during the call and at its conclusion need not read them again
+            remember_subscription(session, subscription, subscriber)
+            reservation = ops.reserve_found(session, spec, existing)
+            remember_operation(session, reservation.operation)
+            return _Context(msisdn, reservation.operation,
                             reservation.may_send and done is None, done, original)
 
     def _terms(self, carrier_id: str, adapter: CarrierAdapter) -> CarrierTerms:
@@ -195,7 +202,9 @@ class BillingActivities:
                   refunds_entry_id: int | None = None,
                   list_price_minor: int | None = None) -> None:
         """Writes what the answer means: the ledger entry and the settled record for a final
-        answer; retryable after an outright refusal; pending otherwise."""
+        answer; retryable after an outright refusal; pending otherwise. One transaction: the
+        ledger entry (with its document) commits with the operation's transition (a key
+        already in the ledger rolls back at once and the transition commits alone)."""
         key = operation.idempotency_key
         with Session(self._engine, expire_on_commit=False) as session:
             if result.outcome is Outcome.SUCCEEDED:
@@ -207,7 +216,8 @@ class BillingActivities:
                     carrier_id=operation.carrier_id, amount_minor=operation.amount_minor,
                     currency=operation.currency, carrier_reference=result.carrier_reference,
                     refunds_entry_id=refunds_entry_id, due_at=operation.due_at,
-                    list_price_minor=list_price_minor))
+                    list_price_minor=list_price_minor), commit=False)
+                # (a success is final: the transition below commits the entry with it)
             if result.outcome in _FINAL:
                 ops.transition(session, key, OperationState.SETTLED,
                                outcome=result.outcome.value,
@@ -337,8 +347,9 @@ class BillingActivities:
             return first_refusal(charge.amount_minor, spent, rules, charge.is_subscription)
 
         await asyncio.to_thread(self._record_decisions, charge)
+        # no rules, no caps: nothing to serialise, so the subscriber's row is not locked
         ran = await self._run(spec, charge.subscriber_id, send, charge.reported,
-                              guard=within_caps)
+                              guard=within_caps if rules is not None else None)
         if isinstance(ran, Refusal):
             await asyncio.to_thread(self._record_decisions, charge, ran)
             return ChargeOutput("refused_by_rule", message=f"{ran.rule}: {ran.figure}",
@@ -586,6 +597,25 @@ class BillingActivities:
     def carrier_calls(self) -> list[Callable[..., Any]]:
         """What runs on a carrier's own task queue: the calls that wait on that carrier."""
         return [self.charge_subscription, self.refund_charge, self.check_balance]
+
+
+def _subscription_and_subscriber(session: Session, subscription_id: int,
+                                 subscriber_id: int | None) -> tuple[Subscription, Subscriber]:
+    """A subscription and its subscriber (``subscriber_id``, else the subscription's own), in
+    one query; a missing one is our own mistake."""
+    subscriber_key = (col(Subscription.subscriber_id) if subscriber_id is None
+                      else sa_literal(subscriber_id))
+    found = session.exec(
+        select(Subscription, Subscriber)
+        .outerjoin(Subscriber, col(Subscriber.id) == subscriber_key)
+        .where(col(Subscription.id) == subscription_id)).first()
+    if found is None:
+        raise ConfigurationError(f"subscription {subscription_id} does not exist")
+    subscription, subscriber = found
+    if subscriber is None:
+        raise ConfigurationError(
+            f"subscriber {subscriber_id or subscription.subscriber_id} does not exist")
+    return subscription, subscriber
 
 
 def _aware(moment: datetime) -> datetime:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -22,14 +23,20 @@ def find_by_key(session: Session, idempotency_key: str) -> LedgerEntry | None:
     ).first()
 
 
-def append(session: Session, entry: LedgerEntry) -> LedgerEntry:
+def append(session: Session, entry: LedgerEntry, *, commit: bool = True) -> LedgerEntry:
     """Inserts ``entry``; a repeat of the same key returns the entry already written. The
-    entry's traceability document commits with it; a repeat writes none."""
+    entry's traceability document commits with it; a repeat writes none.
+
+    ``commit=False``: the entry and its document are only flushed into the session's
+    transaction, for the caller to commit with what must be written with them (append first:
+    a repeated key, found at the flush, rolls the whole transaction back, as it does here,
+    and the entry already written is returned)."""
     session.add(entry)
     try:
         session.flush()  # a repeated key fails here, before any document is queued
         enqueue(session, ledger_document(session, entry))
-        session.commit()
+        if commit:
+            session.commit()
     except IntegrityError:
         session.rollback()
         existing = find_by_key(session, entry.idempotency_key)
@@ -43,7 +50,8 @@ def append(session: Session, entry: LedgerEntry) -> LedgerEntry:
                 f"{existing.kind} {existing.amount_minor} {existing.currency}"
             ) from None
         return existing
-    session.refresh(entry)
+    if sa.inspect(entry).unloaded:  # expired by the commit: read back
+        session.refresh(entry)
     return entry
 
 

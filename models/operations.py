@@ -53,7 +53,14 @@ def find(session: Session, key: str) -> CarrierOperation | None:
 def reserve(session: Session, spec: OperationSpec) -> Reservation:
     """Records the operation before anything is sent (state SENDING), or claims a retryable
     one for one more send. Anything else is for settling, never for sending."""
-    existing = find(session, spec.idempotency_key)
+    return reserve_found(session, spec, find(session, spec.idempotency_key))
+
+
+def reserve_found(session: Session, spec: OperationSpec,
+                  existing: CarrierOperation | None) -> Reservation:
+    """``reserve``, the operation under the key (or its absence) already read in ``session``
+    (``find``). Read earlier or not, a second reservation of a new key still fails on the
+    key's unique index and yields to the first."""
     if existing is None:
         row = CarrierOperation(
             idempotency_key=spec.idempotency_key, kind=spec.kind, carrier_id=spec.carrier_id,
@@ -68,7 +75,7 @@ def reserve(session: Session, spec: OperationSpec) -> Reservation:
             existing = find(session, spec.idempotency_key)
             assert existing is not None
             return Reservation(existing, False)
-        session.refresh(row)
+        _loaded(session, row)
         return Reservation(row, True)
     if (existing.carrier_id, existing.amount_minor, existing.currency, existing.kind) != (
             spec.carrier_id, spec.amount_minor, spec.currency, spec.kind):
@@ -84,6 +91,13 @@ def reserve(session: Session, spec: OperationSpec) -> Reservation:
         session.refresh(existing)
         return Reservation(existing, True)
     return Reservation(existing, False)
+
+
+def _loaded(session: Session, row: object) -> None:
+    """Reads ``row`` back only if the commit left any of its columns unknown (a session that
+    expires on commit): every value is set on our side before the INSERT, the id included."""
+    if sa.inspect(row).unloaded:
+        session.refresh(row)
 
 
 def claim_resend(session: Session, key: str, allowed_from: Sequence[OperationState]) -> bool:

@@ -4,18 +4,26 @@ masked form; free text is passed through the redaction the transport uses.
 
 Builders read what a row alone does not say (the subscription behind a key, the subscriber's
 zone, the carrier's country) in the caller's session, so they run inside the caller's
-transaction and see its unflushed rows."""
+transaction and see its unflushed rows. What never changes (an operation's subscription, cycle
+and amount; a subscription's product, price point and subscriber; the subscriber's number and
+zone) may be handed over first by code that has just read it (``remember_operation``,
+``remember_subscription``): kept per process and per engine, a bounded number of each, and
+consulted before reading."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import re
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, select
 
 from carriers.redaction import redact
@@ -143,6 +151,119 @@ def _subscription_party(session: Session, subscription: Subscription | None) -> 
                   price_point=subscription.price_point_id)
 
 
+# -- immutable facts handed over by their readers ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SubscriptionFacts:
+    """What never changes about a subscription and its subscriber."""
+
+    subscription_id: int
+    product: str
+    price_point: str
+    msisdn: str
+    timezone: str
+
+    def party(self) -> _Party:
+        return _Party(msisdn=self.msisdn, timezone=self.timezone,
+                      subscription_id=self.subscription_id, product=self.product,
+                      price_point=self.price_point)
+
+
+@dataclass(frozen=True)
+class _OperationFacts:
+    """What never changes about an operation once reserved (its key names no other)."""
+
+    subscription_id: int
+    cycle: int
+    amount_minor: int
+    currency: str
+
+
+class _Known:
+    """Bounded most-recently-used maps of one engine's immutable facts (threads share them:
+    activities build documents in worker threads)."""
+
+    LIMIT = 8192
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscriptions: OrderedDict[int, _SubscriptionFacts] = OrderedDict()
+        self._operations: OrderedDict[str, _OperationFacts] = OrderedDict()
+
+    @staticmethod
+    def _put(store: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > limit:
+            store.popitem(last=False)
+
+    @staticmethod
+    def _get(store: OrderedDict[Any, Any], key: Any) -> Any:
+        value = store.get(key)
+        if value is not None:
+            store.move_to_end(key)
+        return value
+
+    def subscription(self, subscription_id: int) -> _SubscriptionFacts | None:
+        with self._lock:
+            found: _SubscriptionFacts | None = self._get(self._subscriptions, subscription_id)
+            return found
+
+    def operation(self, key: str) -> _OperationFacts | None:
+        with self._lock:
+            found: _OperationFacts | None = self._get(self._operations, key)
+            return found
+
+    def add_subscription(self, facts: _SubscriptionFacts) -> None:
+        with self._lock:
+            self._put(self._subscriptions, facts.subscription_id, facts, self.LIMIT)
+
+    def add_operation(self, key: str, facts: _OperationFacts) -> None:
+        with self._lock:
+            self._put(self._operations, key, facts, self.LIMIT)
+
+
+# per engine: ids are a database's own (tests open several databases in one process)
+_KNOWN: weakref.WeakKeyDictionary[Engine, _Known] = weakref.WeakKeyDictionary()
+_KNOWN_LOCK = threading.Lock()
+
+
+def _known(session: Session) -> _Known:
+    bind = session.get_bind()
+    engine = bind.engine if isinstance(bind, Connection) else bind
+    with _KNOWN_LOCK:
+        known = _KNOWN.get(engine)
+        if known is None:
+            known = _KNOWN[engine] = _Known()
+        return known
+
+
+def remember_subscription(session: Session, subscription: Subscription,
+                          subscriber: Subscriber) -> None:
+    """Keeps what documents say about ``subscription`` (committed rows just read in
+    ``session``), so documents built later in this process need not read them again."""
+    if subscription.id is None or subscriber.id != subscription.subscriber_id:
+        return
+    _known(session).add_subscription(_SubscriptionFacts(
+        subscription.id, subscription.product_id, subscription.price_point_id,
+        subscriber.msisdn, subscriber.timezone))
+
+
+def remember_operation(session: Session, operation: CarrierOperation) -> None:
+    """Keeps what documents say about a committed operation (its subscription, cycle and
+    amount: fixed when it was reserved), under its idempotency key."""
+    _known(session).add_operation(operation.idempotency_key, _OperationFacts(
+        operation.subscription_id, operation.cycle, operation.amount_minor, operation.currency))
+
+
+def _party_of(session: Session, subscription_id: int) -> _Party:
+    facts = _known(session).subscription(subscription_id)
+    if facts is not None:
+        return facts.party()
+    return _subscription_party(session, session.get(Subscription, subscription_id))
+
+
 def _subscription_of_key(session: Session, key: str) -> Subscription | None:
     match = _KEY_TOKEN.match(key)
     if match is None:
@@ -179,19 +300,30 @@ def _compose(doc_id: str, moment: datetime, event: str, carrier_id: str | None,
                          {name: value for name, value in body.items() if value is not None})
 
 
+def _operation_of_key(session: Session, key: str) -> _OperationFacts | None:
+    if not key:
+        return None
+    facts = _known(session).operation(key)
+    if facts is not None:
+        return facts
+    operation = session.exec(select(CarrierOperation).where(
+        CarrierOperation.idempotency_key == key)).first()
+    if operation is None:
+        return None
+    return _OperationFacts(operation.subscription_id, operation.cycle, operation.amount_minor,
+                           operation.currency)
+
+
 def interaction_document(session: Session, row: CarrierInteraction) -> TraceDocument:
     """A carrier call, a callback or a receipt (``operation`` says which)."""
     assert row.id is not None, "flush the interaction first: its id is the document's"
     event = row.operation if row.operation in ("callback", "receipt") else "carrier_call"
-    operation = (session.exec(select(CarrierOperation).where(
-        CarrierOperation.idempotency_key == row.idempotency_key)).first()
-        if row.idempotency_key else None)
-    subscription = (session.get(Subscription, operation.subscription_id) if operation
-                    else _subscription_of_key(session, row.idempotency_key))
+    operation = _operation_of_key(session, row.idempotency_key)
+    party = (_party_of(session, operation.subscription_id) if operation
+             else _subscription_party(session, _subscription_of_key(session, row.idempotency_key)))
     cycle = operation.cycle if operation else _cycle_of_key(row.idempotency_key)
     return _compose(
-        f"interaction-{row.id}", row.created_at, event, row.carrier_id, session,
-        _subscription_party(session, subscription),
+        f"interaction-{row.id}", row.created_at, event, row.carrier_id, session, party,
         operation=row.operation, outcome=row.outcome, idempotency_key=row.idempotency_key or None,
         cycle=cycle, latency_ms=row.latency_ms, http_status=row.status_code,
         amount_minor=operation.amount_minor if operation else None,
@@ -207,8 +339,8 @@ def ledger_document(session: Session, entry: LedgerEntry) -> TraceDocument:
         detail += f" (partial: {entry.amount_minor} of {entry.list_price_minor})"
     return _compose(
         f"ledger-{entry.id}", entry.committed_at, "ledger", entry.carrier_id, session,
-        _subscription_party(session, session.get(Subscription, entry.subscription_id)),
-        operation=str(entry.kind), outcome="committed", idempotency_key=entry.idempotency_key,
+        _party_of(session, entry.subscription_id), operation=str(entry.kind),
+        outcome="committed", idempotency_key=entry.idempotency_key,
         cycle=entry.cycle, amount_minor=entry.amount_minor, currency=entry.currency,
         partial=partial, detail=_detail(detail))
 
@@ -247,7 +379,7 @@ def rule_decision_document(
     (its due time), so a retry lands in the same daily index."""
     return _compose(
         f"rule_decision-{idempotency_key}", at, "rule_decision", carrier_id, session,
-        _subscription_party(session, session.get(Subscription, subscription_id)),
-        operation=operation, outcome=outcome, rule=rule, idempotency_key=idempotency_key,
+        _party_of(session, subscription_id), operation=operation, outcome=outcome, rule=rule,
+        idempotency_key=idempotency_key,
         cycle=cycle if cycle is not None else _cycle_of_key(idempotency_key),
         amount_minor=amount_minor, currency=currency, detail=_detail(detail))
