@@ -210,13 +210,21 @@ class BillingActivities:
             if result.outcome is Outcome.SUCCEEDED:
                 if not result.carrier_reference:
                     raise ConfigurationError(f"{key}: a success without the carrier's reference")
-                ledger.append(session, LedgerEntry(
-                    idempotency_key=key, kind=operation.kind,
-                    subscription_id=operation.subscription_id, cycle=operation.cycle,
-                    carrier_id=operation.carrier_id, amount_minor=operation.amount_minor,
-                    currency=operation.currency, carrier_reference=result.carrier_reference,
-                    refunds_entry_id=refunds_entry_id, due_at=operation.due_at,
-                    list_price_minor=list_price_minor), commit=False)
+                try:
+                    ledger.append(session, LedgerEntry(
+                        idempotency_key=key, kind=operation.kind,
+                        subscription_id=operation.subscription_id, cycle=operation.cycle,
+                        carrier_id=operation.carrier_id, amount_minor=operation.amount_minor,
+                        currency=operation.currency, carrier_reference=result.carrier_reference,
+                        refunds_entry_id=refunds_entry_id, due_at=operation.due_at,
+                        list_price_minor=list_price_minor), commit=False)
+                except ledger.LedgerConflict:
+                    # reconciliation put the key in the ledger from the carrier's report
+                    # (its amount is what the carrier took): that entry stands, the answer
+                    # only settles the operation
+                    found = ledger.find_by_key(session, key)
+                    if found is None or found.kind != LedgerKind.RECONCILED:
+                        raise
                 # (a success is final: the transition below commits the entry with it)
             if result.outcome in _FINAL:
                 ops.transition(session, key, OperationState.SETTLED,

@@ -33,6 +33,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from carriers.loader import Registry
+from models import ledger
 from models import operations as ops
 from models.reconciliation import ReconciliationItem, ReconciliationRun
 from models.tables import (
@@ -70,6 +71,11 @@ class ReconciliationInput:
     day: str  # YYYY-MM-DD, a UTC day
 
 
+def _taken(session: Session, key: str) -> int:
+    entry = ledger.find_by_key(session, key)
+    return entry.amount_minor if entry is not None else 0
+
+
 @dataclass
 class SettledByReconciliation:
     """An operation a run settled, for its workflow (``operation_settled`` signal)."""
@@ -78,6 +84,8 @@ class SettledByReconciliation:
     workflow_id: str
     resolution: str
     still_unsettled: int
+    # what the carrier took (reconciled): its workflow delivers what was paid for
+    amount_minor: int = 0
 
 
 @dataclass
@@ -224,16 +232,21 @@ class ReconciliationActivities:
             session.rollback()
             return None
         partial = decision.amount_minor < operation.amount_minor
-        session.add(LedgerEntry(
+        entry = LedgerEntry(
             idempotency_key=decision.key, kind=LedgerKind.RECONCILED,
             subscription_id=operation.subscription_id, cycle=operation.cycle,
             carrier_id=operation.carrier_id, amount_minor=decision.amount_minor,
             currency=decision.currency, carrier_reference=decision.carrier_reference,
             list_price_minor=operation.amount_minor if partial else None,
-            due_at=operation.due_at))
+            due_at=operation.due_at)
         try:
+            # the entry and its traceability document, committed with the transition
+            written = ledger.append(session, entry, commit=False)
+            if written is not entry:  # the key is in the ledger already: that entry stands
+                session.rollback()
+                return None
             session.commit()
-        except IntegrityError:  # the key is in the ledger already: that entry stands
+        except (IntegrityError, ledger.LedgerConflict):
             session.rollback()
             return None
         return operation
@@ -349,7 +362,8 @@ class ReconciliationActivities:
             settled = [
                 SettledByReconciliation(key, operation.workflow_id, resolution.value,
                                         len(ops.unsettled_charges(session,
-                                                                  operation.subscription_id)))
+                                                                  operation.subscription_id)),
+                                        _taken(session, key))
                 for key, (operation, resolution) in applied.items()]
             return ReconciliationOutput(
                 carrier_id, day.isoformat(), run.final, run.report_rows, run.missing, run.extra,

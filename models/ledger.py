@@ -6,7 +6,7 @@ import re
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from models.tables import LedgerEntry, LedgerKind
 from traceability.documents import ledger_document
@@ -55,13 +55,17 @@ def append(session: Session, entry: LedgerEntry, *, commit: bool = True) -> Ledg
     return entry
 
 
+# money taken from the subscriber: a charge, or one reconciliation found in the carrier's report
+TAKEN = (LedgerKind.CHARGE, LedgerKind.RECONCILED)
+
+
 def charge_for_cycle(session: Session, subscription_id: int, cycle: int) -> LedgerEntry | None:
     return session.exec(
         select(LedgerEntry).where(
             LedgerEntry.subscription_id == subscription_id,
             LedgerEntry.cycle == cycle,
-            LedgerEntry.kind == LedgerKind.CHARGE,
-        )
+            col(LedgerEntry.kind).in_(TAKEN),
+        ).order_by(col(LedgerEntry.id))
     ).first()
 
 
@@ -89,7 +93,7 @@ def charge_refunded_by(session: Session, refund_key: str, subscription_id: int,
     named = _REFUND_OF_CHARGE.match(refund_key)
     if named is not None:
         charge = find_by_key(session, named["charge"])
-        if charge is None or charge.kind != LedgerKind.CHARGE or (
+        if charge is None or charge.kind not in TAKEN or (
                 charge.subscription_id, charge.cycle) != (subscription_id, cycle):
             return None
         return charge

@@ -131,7 +131,7 @@ def _amount_minor(fmt: ReportFormat, text: str, currency: str) -> int:
             if fmt.decimal == "," and "." in text or fmt.decimal == "." and "," in text:
                 raise ReportFormatError(f"unexpected separator in {text!r}")
             value = from_decimal(Decimal(text.strip().replace(",", ".")), currency)
-    except (InvalidOperation, MoneyError) as exc:
+    except (InvalidOperation, MoneyError, OverflowError, ValueError) as exc:
         raise ReportFormatError(f"not an amount in {currency}: {text!r} ({exc})") from None
     if value <= 0:
         raise ReportFormatError(f"amount must be positive: {text!r}")

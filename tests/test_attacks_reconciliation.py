@@ -277,11 +277,6 @@ async def wait_for(check: Callable[[], bool], rounds: int = 100) -> None:
 # -- 1. late results and reconciliation, in either order -----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a late settlement of a charge reconciliation already settled fails the "
-    "LateSettlementWorkflow: _settled_answer answers SUCCEEDED from the `reconciled` ledger "
-    "entry, then _conclude appends a `charge` under the same key; ledger.append sees kind "
-    "reconciled != charge and raises LedgerConflict -> ConfigurationError (non-retryable)"))
 async def test_an_operator_settle_after_reconciliation_adds_no_row_and_does_not_fail(
     client: SubscriptionClient, simulator: Simulator, engine: Engine, settings: Settings,
     temporal_env: WorkflowEnvironment, reports: TamperedReports,
@@ -304,11 +299,6 @@ async def test_an_operator_settle_after_reconciliation_adds_no_row_and_does_not_
     assert (late.state, late.outcome) == ("settled", "succeeded")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a late result racing reconciliation fails its LateSettlementWorkflow: the late "
-    "settlement read the operation UNSETTLED with no ledger row, reconciliation then wrote the "
-    "`reconciled` entry, and _conclude's ledger.append(kind=charge) raises LedgerConflict -> "
-    "ConfigurationError, non-retryable (activities/billing.py _conclude, models/ledger.py append)"))
 async def test_a_late_result_racing_reconciliation_settles_once_and_never_fails(
     client: SubscriptionClient, simulator: Simulator, engine: Engine, settings: Settings,
     temporal_env: WorkflowEnvironment, reports: TamperedReports,
@@ -562,11 +552,7 @@ async def test_a_malformed_report_is_refused_whole_and_writes_nothing(
 
 @pytest.mark.parametrize("amount", [
     "NaN", "sNaN", "0,00", "1,001",
-    pytest.param("Infinity", marks=pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-        "FINDING: an amount 'Infinity' escapes parse() as OverflowError (from_decimal), not "
-        "ReportFormatError: fetch_report catches only ReportFormatError/KeyError, so the "
-        "activity is retried for 6 hours instead of the report being refused at once "
-        "(reconciliation/formats.py _amount_minor)"))),
+    "Infinity",
 ])
 def test_odd_amounts_are_refused_by_the_reader(amount: str) -> None:
     fmt = load_formats()["parlayx-cdr"]
@@ -737,11 +723,6 @@ async def test_a_debit_a_final_report_left_out_is_flagged_when_the_carrier_corre
 # -- 6. what a reconciled charge means afterwards ------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a `reconciled` ledger entry is written without its traceability document: "
-    "ReconciliationActivities._reconcile adds the LedgerEntry with session.add instead of "
-    "ledger.append(..., commit=False), so nothing is enqueued in trace_outbox (the statistics "
-    "service counts reconciled debits from those documents) (activities/reconciliation.py)"))
 async def test_a_reconciled_entry_is_traced_like_any_ledger_entry(
     client: SubscriptionClient, simulator: Simulator, engine: Engine, settings: Settings,
     temporal_env: WorkflowEnvironment, reports: TamperedReports,
@@ -784,12 +765,6 @@ async def test_a_reconciled_cycle_can_be_refunded_by_request(
     await books_match(simulator, engine, msisdn, started.subscription_id)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a charge reconciliation settles as succeeded is never delivered (nor refunded) "
-    "on a ruled subscription: ReconciliationWorkflow signals operation_settled with "
-    "SettledNotice(key, still_unsettled) only, outcome None and amount 0, so "
-    "SubscriptionWorkflow.operation_settled never calls paid_late (workflows/reconciliation.py; "
-    "SettledByReconciliation carries no outcome/amount)"))
 async def test_a_reconciled_success_is_delivered_or_refunded_on_a_ruled_subscription(
     temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings, worker: Any,
     simulator: Simulator, game_backend: GameBackendServer, queue: str,

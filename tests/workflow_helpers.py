@@ -66,7 +66,7 @@ def ledger_of(engine: Engine, subscription_id: int) -> list[LedgerEntry]:
 
 
 def net_minor(entries: list[LedgerEntry]) -> int:
-    return sum(e.amount_minor if e.kind == LedgerKind.CHARGE else -e.amount_minor
+    return sum(-e.amount_minor if e.kind == LedgerKind.REFUND else e.amount_minor
                for e in entries)
 
 

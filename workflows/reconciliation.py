@@ -43,7 +43,9 @@ class ReconciliationWorkflow:
             try:
                 await workflow.get_external_workflow_handle(settled.workflow_id).signal(
                     "operation_settled",
-                    SettledNotice(settled.idempotency_key, settled.still_unsettled))
+                    SettledNotice(settled.idempotency_key, settled.still_unsettled,
+                                  "succeeded" if settled.amount_minor else "rejected",
+                                  settled.amount_minor))
             except FailureError:
                 pass  # that workflow has ended: the operation record is what counts
         return result
