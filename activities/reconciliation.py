@@ -380,9 +380,12 @@ class ReconciliationActivities:
         except ValueError:
             raise ReconciliationError(f"not a day: {request.day!r}") from None
         rows, final = await self.fetch_report(request.carrier_id, day)
+        # evidence only, never decided on: a request sent near midnight may be booked the day
+        # after, and one first sent the day before may be booked then and resent today
         next_rows, _ = await self.fetch_report(request.carrier_id, day + timedelta(days=1))
+        previous_rows, _ = await self.fetch_report(request.carrier_id, day - timedelta(days=1))
         return await asyncio.to_thread(self._apply, request.carrier_id, day, rows, final,
-                                       next_rows)
+                                       [*next_rows, *previous_rows])
 
     def all(self) -> list[Any]:
         return [self.reconcile_carrier_day]

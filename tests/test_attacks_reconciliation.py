@@ -413,11 +413,6 @@ async def test_a_debit_booked_just_after_midnight_is_not_closed_on_the_first_day
     await books_match(simulator, engine, msisdn, started.subscription_id)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a charge first sent before midnight (booked then) and re-sent after midnight is "
-    "closed as NOT_CHARGED by the second day's final report: _ours selects the day by "
-    "coalesce(last_sent_at, created_at) only, and compare searches the next day's report but "
-    "never the previous day's (activities/reconciliation.py _ours, reconciliation/compare.py)"))
 async def test_a_debit_booked_before_a_resend_after_midnight_is_not_closed(
     client: SubscriptionClient, simulator: Simulator, engine: Engine, settings: Settings,
     temporal_env: WorkflowEnvironment, reports: TamperedReports,
