@@ -29,11 +29,12 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import phonenumbers
 from aiohttp import web
@@ -53,16 +54,30 @@ from carriers.numbers import sample_msisdn
 from models import operations
 from models.interactions import InteractionStore
 from models.tables import OperationState, Period, Subscription
+from reconciliation.schedule import reconcile_now
+from rules.resolve import resolve_rules
+from rules.types import ChargingRules
 from settings import Settings, venv_binary
 from simulators.core import SimulatorCore
+from simulators.game_backend import GameBackend, start_game_backend
 from simulators.server import sim_carriers, smsc_tariffs, start_simulator
 from simulators.smsc import Smsc
-from starter import StartedSubscription, StartSubscriptionRequest, SubscriptionClient
-from tests.conftest import Simulator
+from starter import (
+    RulesResolver,
+    StartedSubscription,
+    StartSubscriptionRequest,
+    SubscriptionClient,
+)
+from tests.conftest import GAME_BACKEND_TOKEN, Simulator
 from tests.postgres import free_port
 from worker import build_worker, make_adapter_pool, prepare_database
 from workflows import search_attributes as sa
 from workflows.late_settlement import LateSettlementWorkflow, late_settlement_id
+from workflows.reconciliation import (
+    DailyReconciliationInput,
+    DailyReconciliationWorkflow,
+    reconciliation_id,
+)
 from workflows.refund import refund_workflow_id
 from workflows.subscription import SubscriptionWorkflow
 from workflows.types import BillingState, Plan, SubscriptionInput
@@ -86,6 +101,8 @@ class Stack:
     client: SubscriptionClient
     # the same client over a registry whose SHORT_DEADLINE_CARRIERS settle for 10 minutes only
     short: SubscriptionClient
+    # the same client under the rules (workflows/ruled_cycle.py), opt-in off
+    ruled: SubscriptionClient
     sim: Simulator
     engine: Engine
     settings: Settings
@@ -177,6 +194,27 @@ async def soon(handle: WorkflowHandle[Any, Any], done: Callable[[BillingState], 
     raise AssertionError(f"not reached: {state}")
 
 
+def rules_with(**changes: Any) -> RulesResolver:
+    """The shipped rules with some figures changed (as tests/test_flows.py's ``rules_with``)."""
+
+    def resolve(country: str, carrier: str, product: str, price: int, period: str,
+                zone: str | None) -> ChargingRules:
+        return replace(resolve_rules(country, carrier, product, price, period, zone), **changes)
+
+    return resolve
+
+
+async def next_weekday(env: WorkflowEnvironment, zone: str, hour: int, minute: int = 0,
+                       days_ahead: int = 2) -> datetime:
+    """A Tuesday-to-Thursday local wall time a few days after the test server's clock (UTC)."""
+    now = (await env.get_current_time()).astimezone(ZoneInfo(zone))
+    day = (now + timedelta(days=days_ahead)).date()
+    while day.weekday() not in (1, 2, 3):
+        day += timedelta(days=1)
+    return datetime(day.year, day.month, day.day, hour, minute,
+                    tzinfo=ZoneInfo(zone)).astimezone(UTC)
+
+
 def cycles(state: BillingState) -> list[tuple[int, str]]:
     return [(c.cycle, c.outcome) for c in state.recent_cycles]
 
@@ -210,10 +248,12 @@ async def ended(s: Stack, handle: WorkflowHandle[Any, Any],
     raise AssertionError(f"{handle.id} still running")
 
 
-async def cancelled(s: Stack, started: StartedSubscription) -> Run:
+async def cancelled(s: Stack, started: StartedSubscription,
+                    client: SubscriptionClient | None = None) -> Run:
     """Cancels (the update), waits for the end, and names the run to record."""
-    await s.client.cancel_subscription(started.subscription_id)
-    handle = s.client.handle(started.subscription_id)
+    client = client or s.client
+    await client.cancel_subscription(started.subscription_id)
+    handle = client.handle(started.subscription_id)
     await handle.result()
     return (handle.id, None)
 
@@ -428,6 +468,83 @@ async def late_callback_settles_an_unsettled_charge(s: Stack) -> dict[str, Run]:
             "subscription_unsettled_then_settled_late": await cancelled(s, started)}
 
 
+# -- SubscriptionWorkflow under rules (workflows/ruled_cycle.py) -----------------------------
+
+
+@path("ruled_monthly_delivered")
+async def ruled_monthly_delivered(s: Stack) -> dict[str, Run]:
+    first = await next_weekday(s.env, "Europe/Paris", 10)
+    _msisdn, started = await subscribe(s, "fr-azur", "ruled-monthly", first, Period.MONTHLY,
+                                       client=s.ruled)
+    handle = s.ruled.handle(started.subscription_id)
+    await until(s, handle, lambda st: st.charges_succeeded == 1 and st.deliveries == 1,
+                step=timedelta(hours=1), rounds=48)
+    state = await until(s, handle, lambda st: st.charges_succeeded == 2 and st.deliveries == 2,
+                        step=timedelta(hours=1), rounds=48)
+    assert [c.delivery for c in state.recent_cycles] == ["delivered", "delivered"], state
+    assert cycles(state) == [(1, "succeeded"), (2, "succeeded")], state
+    return {"ruled_monthly_delivered": await cancelled(s, started, s.ruled)}
+
+
+@path("ruled_ladder_partial_then_refund_request")
+async def ruled_ladder_partial_then_refund_request(s: Stack) -> dict[str, Run]:
+    """mx-maya: a balance short of the price is charged down the ladder (a partial payment),
+    delivered, then part of it refunded on request (the ``request_refund`` update)."""
+    due = await next_weekday(s.env, "America/Mexico_City", 12)
+    _msisdn, started = await subscribe(s, "mx-maya", "ruled-ladder", due, Period.MONTHLY,
+                                       client=s.ruled, balance="50.00")
+    handle = s.ruled.handle(started.subscription_id)
+    state = await until(s, handle, lambda st: st.charges_succeeded == 1 and st.deliveries == 1,
+                        step=timedelta(hours=1), rounds=48)
+    cycle = state.recent_cycles[-1]
+    assert state.partial_payments == 1 and cycle.partial and cycle.delivery == "delivered", state
+    refunded = await s.ruled.request_refund(started.subscription_id, 1,
+                                            amount_minor=cycle.amount_minor // 4,
+                                            request_id="history-ladder-refund")
+    assert refunded.outcome == "succeeded", refunded
+    return {"ruled_ladder_partial_then_refund_request": await cancelled(s, started, s.ruled)}
+
+
+# -- ReconciliationWorkflow, DailyReconciliationWorkflow ---------------------------------------
+
+
+async def close_report(s: Stack, carrier_id: str, day: date) -> None:
+    await s.sim.control("reports/close", {"carrier": carrier_id, "date": day.isoformat()})
+
+
+@path("reconciliation_day", "reconciliation_daily")
+async def reconciliation_day(s: Stack) -> dict[str, Run]:
+    """A charge left unsettled (mx-maya: a lost reply after the debit), then reconciled on the
+    carrier's final report for the (real, UTC) day, which signals its subscription; and the
+    daily workflow, started directly (the time-skipping server has no schedules)."""
+    first = await next_jan_31(s.env)
+    _msisdn, started = await subscribe(s, "mx-maya", "recon-unsettled", first, Period.MONTHLY,
+                                       client=s.short, fault="reset_after_debit")
+    handle = s.short.handle(started.subscription_id)
+    state = await until(s, handle, lambda st: bool(st.recent_cycles), step=timedelta(minutes=10))
+    assert cycles(state) == [(1, "unsettled")], state
+    day = datetime.now(UTC).date()
+    await close_report(s, "mx-maya", day)
+    result = await reconcile_now(s.env.client, s.settings.task_queue, day, "mx-maya")
+    key = f"{started.key_prefix}-c1-a0"
+    assert result.final and [(x.idempotency_key, x.resolution) for x in result.settled] == [
+        (key, "reconciled")], result
+    await soon(handle, lambda st: st.unsettled_count == 0)
+    await cancelled(s, started, s.short)
+
+    carriers = ["ke-kilima", "ng-niger"]
+    for carrier_id in carriers:
+        await close_report(s, carrier_id, day)
+    daily = await s.env.client.start_workflow(
+        DailyReconciliationWorkflow.run, DailyReconciliationInput(carriers, day.isoformat()),
+        id=f"reconcile-daily-{day.isoformat()}", task_queue=s.settings.task_queue)
+    out = await daily.result()
+    assert out.failed == [] and [(r.carrier_id, r.final) for r in out.results] == [
+        (c, True) for c in carriers], out
+    return {"reconciliation_day": (reconciliation_id("mx-maya", day.isoformat()), None),
+            "reconciliation_daily": (daily.id, None)}
+
+
 # -- recording --------------------------------------------------------------------------------
 
 
@@ -492,16 +609,23 @@ async def run(selected: list[RecordedPath]) -> None:
     secrets = generate_dev_secrets(registry)
     async with AsyncExitStack() as stack:
         core = SimulatorCore(sim_carriers(registry, secrets), Decimal("1000"))
-        runner, port = await start_simulator(core)
-        stack.push_async_callback(runner.cleanup)
         smsc = Smsc(core, smsc_tariffs(registry))
+        runner, port = await start_simulator(core, smsc=smsc)
+        stack.push_async_callback(runner.cleanup)
         smpp_port = await smsc.start()
         stack.push_async_callback(smsc.stop)
+        # the game backend ruled subscriptions deliver to (tests/conftest.py's ``game_backend``)
+        game_runner, game_port = await start_game_backend(GameBackend(GAME_BACKEND_TOKEN))
+        stack.push_async_callback(game_runner.cleanup)
         sim = Simulator(core, f"http://127.0.0.1:{port}", f"127.0.0.1:{smpp_port}")
 
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         callback_port = free_port()
         settings = Settings(
+            game_backend_url=f"http://127.0.0.1:{game_port}",
+            game_backend_token=SecretStr(GAME_BACKEND_TOKEN),
+            # notices (opt-in codes, receipts) to numbers of carriers without an SMSC
+            notice_carrier_id="ng-lagoon",
             database_url=f"sqlite:///{scratch / 'billing.db'}",
             task_queue="histories",
             callback_base_url=f"http://127.0.0.1:{callback_port}",
@@ -540,8 +664,11 @@ async def run(selected: list[RecordedPath]) -> None:
                                             settings.deployment_id),
                   short=SubscriptionClient(env.client, engine, short_deadlines(registry),
                                            settings.task_queue, settings.deployment_id),
+                  ruled=SubscriptionClient(env.client, engine, registry, settings.task_queue,
+                                           settings.deployment_id, apply_rules=True,
+                                           rules_resolver=rules_with(opt_in="none")),
                   sim=sim, engine=engine, settings=settings,
-                  secrets=[v for v in secrets.values() if len(v) >= 8])
+                  secrets=[v for v in [*secrets.values(), GAME_BACKEND_TOKEN] if len(v) >= 8])
         for recorded in selected:
             began = time.monotonic()
             written = await record(s, recorded)
