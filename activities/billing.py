@@ -374,11 +374,14 @@ class BillingActivities:
     def _record_decisions(self, charge: ChargeInput, refusal: Refusal | None = None) -> None:
         """The rules' decisions before this charge, and a cap refusing it, for the interaction
         store (each under an id of its own, so a retried activity overwrites, never adds)."""
-        notes = [(f"{charge.idempotency_key}-n{i}", n.kind, n.rule, n.detail, n.at)
-                 for i, n in enumerate(charge.decisions)]
+        # (a charge a cap refused is tried again later under the same key: the moment is part
+        # of each decision's id, so every decision is one document in one daily index)
+        notes = [(f"{charge.idempotency_key}-n{i}-{_aware(n.at):%Y%m%dT%H%M%S}", n.kind, n.rule,
+                  n.detail, n.at) for i, n in enumerate(charge.decisions)]
         if refusal is not None:
-            notes.append((f"{charge.idempotency_key}-refused", "refused", refusal.rule,
-                          f"{refusal.rule}: {refusal.figure}", charge.due_at))
+            notes.append((f"{charge.idempotency_key}-refused-{_aware(charge.due_at):%Y%m%dT%H%M%S}",
+                          "refused", refusal.rule, f"{refusal.rule}: {refusal.figure}",
+                          charge.due_at))
         if not notes:
             return
         with Session(self._engine) as session:
