@@ -158,6 +158,12 @@ def _unmatched_row(row: ReportRow, key: str | None, ours: Ours, out: Comparison)
             f" (the carrier took {row.amount_minor}, we asked {op.amount_minor})")
         out.items.append(_missing(row, key, f"unsettled charge the carrier debited: "
                                   f"reconciled{note}", Resolution.RECONCILED))
+        if row.amount_minor > op.amount_minor:
+            # booked as taken (it was), and shown: the carrier took more than we asked
+            out.items.append(Item(ItemKind.AMOUNT_DIFFERS, key or f"ref:{row.reference}", key,
+                                  row.reference, op.amount_minor, row.amount_minor,
+                                  row.currency, f"the carrier took {row.amount_minor}, we asked "
+                                  f"{op.amount_minor}: for an operator"))
     elif op.state == "unsettled":
         out.items.append(_missing(row, key, f"unsettled {op.kind} in {op.currency}, booked in "
                                   f"{row.currency}: for an operator"))
@@ -213,6 +219,12 @@ def compare(rows: Iterable[ReportRow], final: bool, ours: Ours,
                 out.items.append(Item(ItemKind.EXTRA, key, key, entry.carrier_reference,
                                       entry.amount_minor, None, entry.currency,
                                       f"ledger {entry.kind} not in the carrier's report"))
+            continue
+        if op is not None and op.state == "unsettled" and op.kind == "refund" and final:
+            # a refund is never decided here; one the final report lacks is for an operator
+            out.items.append(Item(ItemKind.UNSETTLED, key, key, None, op.amount_minor, None,
+                                  op.currency, "unsettled refund not in the carrier's final "
+                                  "report: for an operator"))
             continue
         if op is None or op.state != "unsettled" or op.kind != "charge":
             continue

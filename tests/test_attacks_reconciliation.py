@@ -483,11 +483,6 @@ async def test_a_reconciled_amount_is_the_carriers_to_the_cent(
         LedgerKind.RECONCILED, asked - 1, asked, booked.server_reference)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: a carrier debit larger than the charge we sent is reconciled silently: the "
-    "item is `missing` with resolution RECONCILED, so amount_differs and the open mismatch "
-    "count stay 0 and report_for ends 'reconciliation mismatches: 0' although the subscriber "
-    "was over-charged (reconciliation/compare.py _unmatched_row)"))
 async def test_an_over_charge_is_booked_as_taken_and_left_for_an_operator(
     client: SubscriptionClient, simulator: Simulator, engine: Engine, settings: Settings,
     temporal_env: WorkflowEnvironment, reports: TamperedReports,
@@ -638,11 +633,6 @@ async def test_an_unsettled_refund_the_carrier_booked_is_reported_never_decided(
     assert (item.kind, item.resolution) == (ItemKind.MISSING, None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FINDING: an unsettled refund absent from the carrier's final report is not reported at "
-    "all (compare skips every operation that is not a charge), so a refund the subscriber may "
-    "never have received is invisible to the reconciliation (reconciliation/compare.py, the "
-    "`op.kind != \"charge\"` continue)"))
 async def test_an_unsettled_refund_missing_from_the_final_report_is_reported(
     client: SubscriptionClient, simulator: Simulator, engine: Engine, settings: Settings,
     temporal_env: WorkflowEnvironment, reports: TamperedReports,
