@@ -47,6 +47,7 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.testing import WorkflowEnvironment
 
+from activities.messages import LateSettlementOutput
 from callback_receiver import CallbackReceiver
 from carriers.dev_secrets import generate_dev_secrets
 from carriers.loader import Registry, default_registry
@@ -72,7 +73,7 @@ from tests.conftest import GAME_BACKEND_TOKEN, Simulator
 from tests.postgres import free_port
 from worker import build_worker, make_adapter_pool, prepare_database
 from workflows import search_attributes as sa
-from workflows.late_settlement import LateSettlementWorkflow, late_settlement_id
+from workflows.late_settlement import late_settlement_id
 from workflows.reconciliation import (
     DailyReconciliationInput,
     DailyReconciliationWorkflow,
@@ -459,8 +460,8 @@ async def late_callback_settles_an_unsettled_charge(s: Stack) -> dict[str, Run]:
     answer = await s.sim.control("callback", {"carrier": "fr-cote", "key": key,
                                               "outcome": "success"})
     assert answer["status"] == 200, answer
-    late = s.env.client.get_workflow_handle_for(LateSettlementWorkflow.run,
-                                                late_settlement_id(key))
+    late: WorkflowHandle[Any, LateSettlementOutput] = s.env.client.get_workflow_handle(
+        late_settlement_id(key), result_type=LateSettlementOutput)
     settled = await late.result()
     assert settled.state == "settled", settled
     await soon(handle, lambda st: not st.unsettled_keys and st.billing_issue is None)
