@@ -7,11 +7,11 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
     from activities.messages import LateSettlementInput, LateSettlementOutput, SettledNotice
+    from workflows.settle import tell_settled
 
 
 def late_settlement_id(key: str) -> str:
@@ -30,11 +30,7 @@ class LateSettlementWorkflow:
                                      non_retryable_error_types=["ConfigurationError"]),
             summary=f"settle {request.idempotency_key}")
         if settled.state == "settled" and settled.workflow_id:
-            try:
-                await workflow.get_external_workflow_handle(settled.workflow_id).signal(
-                    "operation_settled",
-                    SettledNotice(settled.idempotency_key, settled.still_unsettled,
-                                  settled.outcome, settled.amount_minor))
-            except FailureError:
-                pass  # that workflow has ended: the operation record is what counts
+            await tell_settled(settled.workflow_id, SettledNotice(
+                settled.idempotency_key, settled.still_unsettled, settled.outcome,
+                settled.amount_minor))
         return settled

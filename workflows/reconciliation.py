@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
         ReconciliationInput,
         ReconciliationOutput,
     )
+    from workflows.settle import tell_settled
 
 
 def reconciliation_id(carrier_id: str, day: str) -> str:
@@ -40,14 +41,9 @@ class ReconciliationWorkflow:
         for settled in result.settled:
             if not settled.workflow_id:
                 continue
-            try:
-                await workflow.get_external_workflow_handle(settled.workflow_id).signal(
-                    "operation_settled",
-                    SettledNotice(settled.idempotency_key, settled.still_unsettled,
-                                  "succeeded" if settled.amount_minor else "rejected",
-                                  settled.amount_minor))
-            except FailureError:
-                pass  # that workflow has ended: the operation record is what counts
+            await tell_settled(settled.workflow_id, SettledNotice(
+                settled.idempotency_key, settled.still_unsettled,
+                "succeeded" if settled.amount_minor else "rejected", settled.amount_minor))
         return result
 
 

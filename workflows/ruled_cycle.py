@@ -15,7 +15,6 @@ The steps, each shown in the workflow's history and state:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -216,17 +215,8 @@ class RuledCycles:
             attempt.attempts += 1
             workflow.set_current_details(
                 f"charging cycle {cycle}, attempt {attempt.attempts}: {self.price_text(amount)}")
-            charge = ChargeInput(
-                subscription_id=subscription.subscription_id,
-                subscriber_id=subscription.subscriber_id, carrier_id=subscription.carrier_id,
-                cycle=cycle, attempt_slot=attempt.slot,
-                idempotency_key=host.key(cycle, attempt.slot), amount_minor=amount,
-                # the attempt's own moment (workflow time): caps count charges by it
-                currency=plan.currency, due_at=workflow.now(),
-                description=f"{subscription.product_id} cycle {cycle}", rules=rules,
-                is_subscription=plan.period != "one_off",
-                list_price_minor=full if amount < full else None,
-                decisions=self.take_decisions())
+            charge = self._charge_input(cycle, attempt.slot, amount, rules,
+                                        f"{subscription.product_id} cycle {cycle}")
             settled = await host.charge(
                 charge, f"charge cycle {cycle} attempt {attempt.attempts}: "
                         f"{self.price_text(amount)}")
@@ -272,6 +262,31 @@ class RuledCycles:
                 self._conclude_failed(cycle, due, attempt, outcome)
                 return
 
+    def _charge_input(self, cycle: int, slot: int, amount: int, rules: ChargingRules,
+                      description: str) -> ChargeInput:
+        """One attempt of a cycle's charge (a partial one carries the full price it relates
+        to), with the rules' decisions since the last attempt."""
+        subscription = self._host.subscription
+        full = subscription.plan.amount_minor
+        return ChargeInput(
+            subscription_id=subscription.subscription_id,
+            subscriber_id=subscription.subscriber_id, carrier_id=subscription.carrier_id,
+            cycle=cycle, attempt_slot=slot, idempotency_key=self._host.key(cycle, slot),
+            amount_minor=amount, currency=subscription.plan.currency,
+            # the attempt's own moment (workflow time): caps count charges by it
+            due_at=workflow.now(), description=description, rules=rules,
+            is_subscription=subscription.plan.period != "one_off",
+            list_price_minor=full if amount < full else None,
+            decisions=self.take_decisions())
+
+    def _retries_today(self, rules: ChargingRules) -> int:
+        """Retries made on the subscriber's local day (the count restarts each day)."""
+        state = self._host.billing
+        day = local_date(workflow.now(), ZoneInfo(rules.timezone)).isoformat()
+        if state.retries_day != day:
+            state.retries_day, state.retries_on_day = day, 0
+        return state.retries_on_day
+
     async def _rung_for_balance(self, cycle: int, rules: ChargingRules, rungs: list[int]) -> int:
         """The first price point the balance covers (len(rungs): none), by the carrier's
         policy; an unknown balance changes nothing."""
@@ -304,10 +319,7 @@ class RuledCycles:
                                  rung: int) -> str | None:
         """Waits for the next retry; the cycle's outcome if the retries are spent."""
         state, now = self._host.billing, workflow.now()
-        day = local_date(now, ZoneInfo(rules.timezone)).isoformat()
-        if state.retries_day != day:
-            state.retries_day, state.retries_on_day = day, 0
-        when = retry_rules.next_retry(now, attempt.retries, state.retries_on_day, rules)
+        when = retry_rules.next_retry(now, attempt.retries, self._retries_today(rules), rules)
         if when is None:
             return self._give_up(cycle, rules)
         self._host.set_status("past_due")
@@ -393,11 +405,8 @@ class RuledCycles:
         subscription = host.subscription
         rule = f"{subscription.carrier_id}.remainder"
         while not state.cancel_requested:
-            day = local_date(workflow.now(), ZoneInfo(rules.timezone)).isoformat()
-            if state.retries_day != day:
-                state.retries_day, state.retries_on_day = day, 0
-            when = retry_rules.next_retry(workflow.now(), attempt.retries, state.retries_on_day,
-                                          rules)
+            when = retry_rules.next_retry(workflow.now(), attempt.retries,
+                                          self._retries_today(rules), rules)
             if when is None:
                 self.decide("refused", rule,
                             f"remainder {self.price_text(remainder)} written off: retries spent",
@@ -411,16 +420,8 @@ class RuledCycles:
             if not await self.hold_while_paused() or not await self.wait_allowed(cycle, rules):
                 return
             attempt.slot += 1
-            charge = ChargeInput(
-                subscription_id=subscription.subscription_id,
-                subscriber_id=subscription.subscriber_id, carrier_id=subscription.carrier_id,
-                cycle=cycle, attempt_slot=attempt.slot,
-                idempotency_key=host.key(cycle, attempt.slot), amount_minor=remainder,
-                currency=subscription.plan.currency, due_at=workflow.now(),
-                description=f"{subscription.product_id} cycle {cycle} remainder", rules=rules,
-                is_subscription=subscription.plan.period != "one_off",
-                list_price_minor=subscription.plan.amount_minor,
-                decisions=self.take_decisions())
+            charge = self._charge_input(cycle, attempt.slot, remainder, rules,
+                                        f"{subscription.product_id} cycle {cycle} remainder")
             settled = await host.charge(
                 charge, f"charge cycle {cycle} remainder: {self.price_text(remainder)}")
             if settled.kind in ("unsettled", "error"):
@@ -617,5 +618,3 @@ class RuledCycles:
                 workflow.logger.error("refund of cycle %s failed: %s", cycle, err.cause or err)
                 return RefundOutput("failed", 0, plan.currency, message=str(err.cause))
 
-
-NoticeSender = Callable[[str, str, dict[str, str]], Awaitable[None]]

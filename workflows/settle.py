@@ -21,11 +21,11 @@ from typing import Generic, Protocol, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
-    from activities.messages import LateSettlementOutput, UnsettledInput
+    from activities.messages import LateSettlementOutput, SettledNotice, UnsettledInput
     from carriers.reports import CarrierReport
 
 
@@ -171,6 +171,16 @@ class OperationSettler:
             if self.issue is not None:
                 self.issue = None
                 on_issue(None)
+
+
+async def tell_settled(workflow_id: str, notice: SettledNotice) -> None:
+    """Tells the workflow that left an operation unsettled that it is settled now (by a late
+    result or reconciliation)."""
+    try:
+        await workflow.get_external_workflow_handle(workflow_id).signal(
+            "operation_settled", notice)
+    except FailureError:
+        pass  # that workflow has ended: the operation record is what counts
 
 
 async def record_unsettled(key: str, reason: str) -> LateSettlementOutput | None:

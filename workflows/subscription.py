@@ -464,8 +464,7 @@ class SubscriptionWorkflow:
         return not self._state.cancel_requested
 
     def _key(self, cycle: int, slot: int) -> str:
-        prefix = self._input.key_prefix or f"sub-{self._input.subscription_id}"
-        return charge_key(prefix, cycle, slot)
+        return charge_key(self.key_prefix(), cycle, slot)
 
     async def _bill_cycle(self, cycle: int, due: datetime) -> None:
         state, plan = self._state, self._input.plan
