@@ -15,10 +15,8 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -36,17 +34,19 @@ from models.tables import (
     OperationState,
     Subscription,
 )
-from rules.resolve import resolve_rules
 from rules.spend import spend_so_far
-from rules.types import Caps, ChargingRules, SpendSoFar
+from rules.types import Caps, SpendSoFar
 from settings import Settings
-from starter import RulesResolver, SubscriptionClient, SubscriptionRequestError
+from starter import SubscriptionClient, SubscriptionRequestError
 from tests.conftest import GameBackendServer, Simulator
 from tests.workflow_helpers import (
     assert_books_match,
     ledger_of,
     net_minor,
     new_msisdn,
+    next_weekday,
+    ruled_client,
+    rules_with,
     subscribe_to,
     until,
 )
@@ -57,19 +57,8 @@ from workflows.types import BillingState, RefundRequestInput
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def rules_with(**changes: Any) -> RulesResolver:
-    def resolve(country: str, carrier: str, product: str, price: int, period: str,
-                zone: str | None) -> ChargingRules:
-        return replace(resolve_rules(country, carrier, product, price, period, zone), **changes)
-
-    return resolve
 
 
-def ruled_client(temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings,
-                 resolver: RulesResolver, registry: Registry | None = None) -> SubscriptionClient:
-    return SubscriptionClient(temporal_env.client, engine, registry or default_registry(),
-                              settings.task_queue, settings.deployment_id, apply_rules=True,
-                              rules_resolver=resolver)
 
 
 def short_settling(carrier_id: str, deadline_seconds: float) -> Registry:
@@ -104,13 +93,6 @@ async def no_faults_left(simulator: Simulator, game_backend: GameBackendServer
     await game_backend.control("faults", {"kind": "clear"})
 
 
-async def next_weekday(env: WorkflowEnvironment, zone: str, hour: int, minute: int = 0,
-                       days_ahead: int = 2) -> datetime:
-    now = (await env.get_current_time()).astimezone(ZoneInfo(zone))
-    day = (now + timedelta(days=days_ahead)).date()
-    while day.weekday() not in (1, 2, 3):
-        day += timedelta(days=1)
-    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=ZoneInfo(zone))
 
 
 def operations_of(engine: Engine, subscription_id: int,

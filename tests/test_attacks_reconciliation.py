@@ -63,17 +63,16 @@ from simulators import settlement_reports
 from simulators.books import Transaction
 from starter import StartedSubscription, SubscriptionClient
 from tests.conftest import GameBackendServer, Simulator
-from tests.test_attacks_flows import (
-    grants_of,
-    next_weekday,
-    operations_of,
-    ruled_client,
-    rules_with,
-    short_settling,
-)
+from tests.test_attacks_flows import grants_of, operations_of, short_settling
 from tests.test_money_safety import cycles, few_settling_attempts, operation, subscribe, until
 from tests.test_subscription_workflow import next_jan_31
-from tests.workflow_helpers import new_msisdn, subscribe_to
+from tests.workflow_helpers import (
+    new_msisdn,
+    next_weekday,
+    ruled_client,
+    rules_with,
+    subscribe_to,
+)
 from tests.workflow_helpers import until as until_state
 from workflows.reconciliation import DailyReconciliationWorkflow, ReconciliationWorkflow
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -17,18 +16,19 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from temporalio.testing import WorkflowEnvironment
 
-from carriers.loader import default_registry
 from models.tables import CarrierOperation, LedgerKind, Subscriber, Subscription
-from rules.resolve import resolve_rules
-from rules.types import Caps, ChargingRules
+from rules.types import Caps
 from settings import Settings
-from starter import RulesResolver, SubscriptionClient, SubscriptionRequestError
+from starter import SubscriptionClient, SubscriptionRequestError
 from tests.conftest import GameBackendServer, Simulator
 from tests.workflow_helpers import (
     REGISTRY,
     assert_books_match,
     ledger_of,
     new_msisdn,
+    next_weekday,
+    ruled_client,
+    rules_with,
     subscribe_to,
     until,
 )
@@ -37,36 +37,12 @@ from workflows.subscription import SubscriptionWorkflow
 from workflows.types import BillingState
 
 
-def rules_with(**changes: Any) -> RulesResolver:
-    """The shipped rules with some figures changed (opt-in off, a lower cap...)."""
-
-    def resolve(country: str, carrier: str, product: str, price: int, period: str,
-                zone: str | None) -> ChargingRules:
-        return replace(resolve_rules(country, carrier, product, price, period, zone), **changes)
-
-    return resolve
-
-
-def ruled_client(temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings,
-                 resolver: RulesResolver = resolve_rules) -> SubscriptionClient:
-    return SubscriptionClient(temporal_env.client, engine, default_registry(), settings.task_queue,
-                              settings.deployment_id, apply_rules=True, rules_resolver=resolver)
-
-
 @pytest.fixture
 def no_opt_in(temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings,
               worker: Any) -> Iterator[SubscriptionClient]:
     yield ruled_client(temporal_env, engine, settings, rules_with(opt_in="none"))
 
 
-async def next_weekday(env: WorkflowEnvironment, zone: str, hour: int, minute: int = 0,
-                       days_ahead: int = 2) -> datetime:
-    """A Tuesday-to-Thursday local wall time a few days after the test server's clock."""
-    now = (await env.get_current_time()).astimezone(ZoneInfo(zone))
-    day = (now + timedelta(days=days_ahead)).date()
-    while day.weekday() not in (1, 2, 3):
-        day += timedelta(days=1)
-    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=ZoneInfo(zone))
 
 
 def operations_of(engine: Engine, subscription_id: int) -> list[CarrierOperation]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -17,7 +19,15 @@ from carriers.loader import Registry, default_registry
 from carriers.numbers import sample_msisdn
 from models.money import from_decimal
 from models.tables import LedgerEntry, LedgerKind
-from starter import StartedSubscription, StartSubscriptionRequest, SubscriptionClient
+from rules.resolve import resolve_rules
+from rules.types import ChargingRules
+from settings import Settings
+from starter import (
+    RulesResolver,
+    StartedSubscription,
+    StartSubscriptionRequest,
+    SubscriptionClient,
+)
 from tests.conftest import Simulator
 from workflows.subscription import SubscriptionWorkflow
 from workflows.types import BillingState
@@ -56,6 +66,35 @@ async def until(env: WorkflowEnvironment, handle: WorkflowHandle[Any, Any],
         await env.sleep(step)
         state = await handle.query(SubscriptionWorkflow.state)
     raise AssertionError(f"not reached: {state}")
+
+
+def rules_with(**changes: Any) -> RulesResolver:
+    """The shipped rules with some figures changed (opt-in off, a lower cap...)."""
+
+    def resolve(country: str, carrier: str, product: str, price: int, period: str,
+                zone: str | None) -> ChargingRules:
+        return replace(resolve_rules(country, carrier, product, price, period, zone), **changes)
+
+    return resolve
+
+
+def ruled_client(temporal_env: WorkflowEnvironment, engine: Engine, settings: Settings,
+                 resolver: RulesResolver = resolve_rules, registry: Registry | None = None
+                 ) -> SubscriptionClient:
+    """A client that bills its subscriptions under rules (``resolver``: which)."""
+    return SubscriptionClient(temporal_env.client, engine, registry or default_registry(),
+                              settings.task_queue, settings.deployment_id, apply_rules=True,
+                              rules_resolver=resolver)
+
+
+async def next_weekday(env: WorkflowEnvironment, zone: str, hour: int, minute: int = 0,
+                       days_ahead: int = 2) -> datetime:
+    """A Tuesday-to-Thursday local wall time a few days after the test server's clock."""
+    now = (await env.get_current_time()).astimezone(ZoneInfo(zone))
+    day = (now + timedelta(days=days_ahead)).date()
+    while day.weekday() not in (1, 2, 3):
+        day += timedelta(days=1)
+    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=ZoneInfo(zone))
 
 
 def ledger_of(engine: Engine, subscription_id: int) -> list[LedgerEntry]:

@@ -29,12 +29,11 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import phonenumbers
 from aiohttp import web
@@ -56,21 +55,19 @@ from models import operations
 from models.interactions import InteractionStore
 from models.tables import OperationState, Period, Subscription
 from reconciliation.schedule import reconcile_now
-from rules.resolve import resolve_rules
-from rules.types import ChargingRules
 from settings import Settings, venv_binary
 from simulators.core import SimulatorCore
 from simulators.game_backend import GameBackend, start_game_backend
 from simulators.server import sim_carriers, smsc_tariffs, start_simulator
 from simulators.smsc import Smsc
 from starter import (
-    RulesResolver,
     StartedSubscription,
     StartSubscriptionRequest,
     SubscriptionClient,
 )
 from tests.conftest import GAME_BACKEND_TOKEN, Simulator
 from tests.postgres import free_port
+from tests.workflow_helpers import next_weekday, rules_with
 from worker import build_worker, make_adapter_pool, prepare_database
 from workflows import search_attributes as sa
 from workflows.late_settlement import late_settlement_id
@@ -195,25 +192,8 @@ async def soon(handle: WorkflowHandle[Any, Any], done: Callable[[BillingState], 
     raise AssertionError(f"not reached: {state}")
 
 
-def rules_with(**changes: Any) -> RulesResolver:
-    """The shipped rules with some figures changed (as tests/test_flows.py's ``rules_with``)."""
-
-    def resolve(country: str, carrier: str, product: str, price: int, period: str,
-                zone: str | None) -> ChargingRules:
-        return replace(resolve_rules(country, carrier, product, price, period, zone), **changes)
-
-    return resolve
 
 
-async def next_weekday(env: WorkflowEnvironment, zone: str, hour: int, minute: int = 0,
-                       days_ahead: int = 2) -> datetime:
-    """A Tuesday-to-Thursday local wall time a few days after the test server's clock (UTC)."""
-    now = (await env.get_current_time()).astimezone(ZoneInfo(zone))
-    day = (now + timedelta(days=days_ahead)).date()
-    while day.weekday() not in (1, 2, 3):
-        day += timedelta(days=1)
-    return datetime(day.year, day.month, day.day, hour, minute,
-                    tzinfo=ZoneInfo(zone)).astimezone(UTC)
 
 
 def cycles(state: BillingState) -> list[tuple[int, str]]:
@@ -474,7 +454,7 @@ async def late_callback_settles_an_unsettled_charge(s: Stack) -> dict[str, Run]:
 
 @path("ruled_monthly_delivered")
 async def ruled_monthly_delivered(s: Stack) -> dict[str, Run]:
-    first = await next_weekday(s.env, "Europe/Paris", 10)
+    first = (await next_weekday(s.env, "Europe/Paris", 10)).astimezone(UTC)
     _msisdn, started = await subscribe(s, "fr-azur", "ruled-monthly", first, Period.MONTHLY,
                                        client=s.ruled)
     handle = s.ruled.handle(started.subscription_id)
@@ -491,7 +471,7 @@ async def ruled_monthly_delivered(s: Stack) -> dict[str, Run]:
 async def ruled_ladder_partial_then_refund_request(s: Stack) -> dict[str, Run]:
     """mx-maya: a balance short of the price is charged down the ladder (a partial payment),
     delivered, then part of it refunded on request (the ``request_refund`` update)."""
-    due = await next_weekday(s.env, "America/Mexico_City", 12)
+    due = (await next_weekday(s.env, "America/Mexico_City", 12)).astimezone(UTC)
     _msisdn, started = await subscribe(s, "mx-maya", "ruled-ladder", due, Period.MONTHLY,
                                        client=s.ruled, balance="50.00")
     handle = s.ruled.handle(started.subscription_id)
