@@ -10,7 +10,6 @@ announces it reaches no one; an operation already left unsettled is settled by a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import replace
 
@@ -24,6 +23,7 @@ from activities.messages import LateSettlementInput
 from carriers.http import InteractionRecord, InteractionSink
 from carriers.reports import CarrierReport
 from models import operations as ops
+from models.db import in_db_thread
 from models.tables import CarrierOperation, OperationState
 from workflows.late_settlement import LateSettlementWorkflow, late_settlement_id
 
@@ -57,7 +57,7 @@ class ReportRelay:
         operation belongs to another carrier)."""
         if not report.carrier_id:  # receipts come on the carrier's own bound session
             report = replace(report, carrier_id=record.carrier_id)
-        operation = await asyncio.to_thread(self._bind, report)
+        operation = await in_db_thread(self._engine, self._bind, report)
         if operation is None:
             delivered = "unroutable"
         elif operation.carrier_id != report.carrier_id:

@@ -9,7 +9,6 @@ raise only for faults of our own (database, configuration).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -50,11 +49,15 @@ from carriers.base import (
     StatusRequest,
 )
 from carriers.factory import CarrierConfigError
+from carriers.http import InteractionRecord
 from carriers.loader import Registry
 from carriers.pool import AdapterPool
 from carriers.reports import CarrierReport
 from models import ledger
 from models import operations as ops
+from models.db import in_db_thread
+from models.interactions import add_interactions
+from models.interactions import held as held_interactions
 from models.operations import OperationConflict, OperationSpec
 from models.tables import (
     CarrierOperation,
@@ -193,18 +196,20 @@ class BillingActivities:
 
     async def _resend_with(self, key: str, send: Callable[[], Awaitable[OperationResult]]
                            ) -> OperationResult:
-        if not await asyncio.to_thread(self._claim_resend, key):
+        if not await in_db_thread(self._engine, self._claim_resend, key):
             return OperationResult(outcome=Outcome.UNKNOWN,
                                    message="another attempt holds this operation")
         return await send()
 
     def _conclude(self, operation: CarrierOperation, result: OperationResult,
                   refunds_entry_id: int | None = None,
-                  list_price_minor: int | None = None) -> None:
+                  list_price_minor: int | None = None,
+                  exchanges: list[InteractionRecord] | None = None) -> None:
         """Writes what the answer means: the ledger entry and the settled record for a final
         answer; retryable after an outright refusal; pending otherwise. One transaction: the
-        ledger entry (with its document) commits with the operation's transition (a key
-        already in the ledger rolls back at once and the transition commits alone)."""
+        ledger entry (with its document) and the held ``exchanges`` commit with the
+        operation's transition (a key already in the ledger rolls back at once, before the
+        exchanges are added, and the transition commits with them)."""
         key = operation.idempotency_key
         with Session(self._engine, expire_on_commit=False) as session:
             if result.outcome is Outcome.SUCCEEDED:
@@ -226,6 +231,7 @@ class BillingActivities:
                     if found is None or found.kind != LedgerKind.RECONCILED:
                         raise
                 # (a success is final: the transition below commits the entry with it)
+            add_interactions(session, exchanges or [])
             if result.outcome in _FINAL:
                 ops.transition(session, key, OperationState.SETTLED,
                                outcome=result.outcome.value,
@@ -246,6 +252,8 @@ class BillingActivities:
                 ops.transition(session, key, OperationState.PENDING,
                                allowed_from=(OperationState.SENDING, OperationState.PENDING),
                                **facts)
+        if exchanges:
+            exchanges.clear()  # committed with the transition
 
     def _settled_answer(self, operation: CarrierOperation, entry: LedgerEntry | None
                         ) -> OperationResult | None:
@@ -294,11 +302,11 @@ class BillingActivities:
         with _configuration_errors():
             # a carrier we cannot call is found out before anything is recorded or sent
             adapter = self._adapters.get(spec.carrier_id)
-            context = await asyncio.to_thread(self._begin, spec, subscriber_id, guard)
+            context = await in_db_thread(self._engine, self._begin, spec, subscriber_id, guard)
             if isinstance(context, Refusal):
                 return context
             operation = context.operation
-            earlier = await asyncio.to_thread(self._settled_answer, operation, context.ledger_entry)
+            earlier = await in_db_thread(self._engine, self._settled_answer, operation, context.ledger_entry)
             if earlier is not None:
                 return earlier, operation, context.original_reference
             msisdn, original = context.msisdn, context.original_reference
@@ -354,18 +362,20 @@ class BillingActivities:
                             month_minor=spent.month_minor + in_flight)
             return first_refusal(charge.amount_minor, spent, rules, charge.is_subscription)
 
-        await asyncio.to_thread(self._record_decisions, charge)
-        # no rules, no caps: nothing to serialise, so the subscriber's row is not locked
-        ran = await self._run(spec, charge.subscriber_id, send, charge.reported,
-                              guard=within_caps if rules is not None else None)
-        if isinstance(ran, Refusal):
-            await asyncio.to_thread(self._record_decisions, charge, ran)
-            return ChargeOutput("refused_by_rule", message=f"{ran.rule}: {ran.figure}",
-                                refusal=ran)
-        result, operation, _ = ran
-        with _configuration_errors():
-            await asyncio.to_thread(self._conclude, operation, result, None,
-                                    charge.list_price_minor)
+        await in_db_thread(self._engine, self._record_decisions, charge)
+        # the carrier exchanges commit with the conclusion (or on their own if it fails)
+        async with held_interactions(self._engine) as exchanges:
+            # no rules, no caps: nothing to serialise, so the subscriber's row is not locked
+            ran = await self._run(spec, charge.subscriber_id, send, charge.reported,
+                                  guard=within_caps if rules is not None else None)
+            if isinstance(ran, Refusal):
+                await in_db_thread(self._engine, self._record_decisions, charge, ran)
+                return ChargeOutput("refused_by_rule", message=f"{ran.rule}: {ran.figure}",
+                                    refusal=ran)
+            result, operation, _ = ran
+            with _configuration_errors():
+                await in_db_thread(self._engine, self._conclude, operation, result, None,
+                                   charge.list_price_minor, exchanges)
         return ChargeOutput(
             result.outcome.value, result.carrier_reference, result.carrier_code, result.message,
             result.retry_after_seconds,
@@ -407,7 +417,7 @@ class BillingActivities:
 
     @activity.defn(name="record_subscription_status")
     async def record_subscription_status(self, change: StatusInput) -> None:
-        await asyncio.to_thread(self._write_status, change)
+        await in_db_thread(self._engine, self._write_status, change)
 
     def _refund_target(self, request: RefundInput
                        ) -> tuple[LedgerEntry, str, LedgerEntry | None, int, int | None]:
@@ -437,8 +447,8 @@ class BillingActivities:
     async def refund_charge(self, request: RefundInput) -> RefundOutput:
         """Refunds (part of) one charge. Never more than is left of it: refunds already in the
         ledger and those still in flight are taken off first."""
-        charge, key, done, left, sent_amount = await asyncio.to_thread(self._refund_target,
-                                                                        request)
+        charge, key, done, left, sent_amount = await in_db_thread(
+            self._engine, self._refund_target, request)
         if done is not None:
             return RefundOutput(Outcome.SUCCEEDED.value, done.amount_minor, done.currency,
                                 done.carrier_reference)
@@ -475,7 +485,7 @@ class BillingActivities:
         assert not isinstance(ran, Refusal)
         result, operation, _ = ran
         with _configuration_errors():
-            await asyncio.to_thread(self._conclude, operation, result, charge.id)
+            await in_db_thread(self._engine, self._conclude, operation, result, charge.id)
         return RefundOutput(
             result.outcome.value, amount, charge.currency,
             result.carrier_reference, result.carrier_code, result.message,
@@ -497,7 +507,7 @@ class BillingActivities:
             adapter = self._adapters.get(request.carrier_id)
         if not adapter.supports(Capability.BALANCE):
             return BalanceOutput(None, f"{request.carrier_id} offers no balance look-up")
-        msisdn = await asyncio.to_thread(self._msisdn, request.subscriber_id)
+        msisdn = await in_db_thread(self._engine, self._msisdn, request.subscriber_id)
         try:
             answer = await adapter.balance(msisdn, request.currency)
         except Exception as exc:  # a look-up that failed says nothing
@@ -529,7 +539,7 @@ class BillingActivities:
         """The operation may have moved money and has no final answer: list it for operators
         and for the late results and reconciliation that will settle it. A result the carrier
         pushed while the workflow was giving up is applied now."""
-        operation = await asyncio.to_thread(self._mark_unsettled, request)
+        operation = await in_db_thread(self._engine, self._mark_unsettled, request)
         if operation is None or operation.reported_outcome is None \
                 or operation.state != OperationState.UNSETTLED:
             return None
@@ -552,7 +562,7 @@ class BillingActivities:
     async def settle_unsettled_operation(self, request: LateSettlementInput
                                          ) -> LateSettlementOutput:
         """Settles a listed operation by a late pushed result or a look-up. Never sends."""
-        operation = await asyncio.to_thread(self._load, request.idempotency_key)
+        operation = await in_db_thread(self._engine, self._load, request.idempotency_key)
         if operation.state not in (OperationState.UNSETTLED, OperationState.SETTLED):
             return LateSettlementOutput(operation.idempotency_key, OperationState(operation.state).value,
                                         message="its workflow is still settling it")
@@ -572,7 +582,7 @@ class BillingActivities:
         if result.outcome not in _FINAL:
             # a final result stored while this ran (the relay attaches later results to a
             # settlement already running) is read now rather than waiting for another
-            fresh = await asyncio.to_thread(self._load, request.idempotency_key)
+            fresh = await in_db_thread(self._engine, self._load, request.idempotency_key)
             if fresh.reported_outcome in ops.FINAL_OUTCOMES and (
                     fresh.reported_outcome != operation.reported_outcome):
                 again = await self._run(spec, None, never, None, may_send=False)
@@ -581,11 +591,11 @@ class BillingActivities:
         if result.outcome in _FINAL:
             refunds_entry_id = None
             if operation.kind == LedgerKind.REFUND:
-                refunds_entry_id = await asyncio.to_thread(self._charge_entry_id, operation)
+                refunds_entry_id = await in_db_thread(self._engine, self._charge_entry_id, operation)
             with _configuration_errors():
-                await asyncio.to_thread(self._conclude, operation, result, refunds_entry_id)
-        settled = await asyncio.to_thread(self._load, request.idempotency_key)
-        remaining = await asyncio.to_thread(self._unsettled_count, settled.subscription_id)
+                await in_db_thread(self._engine, self._conclude, operation, result, refunds_entry_id)
+        settled = await in_db_thread(self._engine, self._load, request.idempotency_key)
+        remaining = await in_db_thread(self._engine, self._unsettled_count, settled.subscription_id)
         return LateSettlementOutput(settled.idempotency_key, OperationState(settled.state).value,
                                     settled.outcome, settled.carrier_reference, result.message,
                                     settled.workflow_id, remaining, settled.amount_minor)

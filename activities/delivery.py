@@ -11,7 +11,6 @@ workflow refunds the payment.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import logging
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from temporalio.exceptions import ApplicationError
 from activities.delivery_messages import DeliveryInput, DeliveryOutput, RevokeInput, RevokeOutput
 from catalogue import VariantNotFound, select_variant
 from models import delivery as store
+from models.db import in_db_thread
 from models.delivery import Delivery, DeliveryState
 from models.tables import Period, PricePoint, utcnow
 
@@ -232,12 +232,12 @@ class DeliveryActivities:
         self._check_terms(row, entitlement)
         if entitlement.get("status") == "revoked":
             # taken back by someone else: nothing stands for this payment
-            done = await asyncio.to_thread(
-                self._conclude, row.grant_id, DeliveryState.REVOKED,
+            done = await in_db_thread(
+                self._engine, self._conclude, row.grant_id, DeliveryState.REVOKED,
                 entitlement_id=entitlement.get("entitlement_id"), reason="revoked_at_backend")
         else:
-            done = await asyncio.to_thread(
-                self._conclude, row.grant_id, DeliveryState.DELIVERED,
+            done = await in_db_thread(
+                self._engine, self._conclude, row.grant_id, DeliveryState.DELIVERED,
                 entitlement_id=str(entitlement["entitlement_id"]))
         return await self._answer(done)
 
@@ -273,7 +273,7 @@ class DeliveryActivities:
         if request.paid_minor <= 0:
             raise DeliveryConfigurationError(
                 f"{request.idempotency_key}: nothing is delivered without a payment")
-        row = await asyncio.to_thread(self._begin, request)
+        row = await in_db_thread(self._engine, self._begin, request)
         if row.state in _FINAL_STATES:
             return await self._answer(row)
         key = row.grant_id
@@ -284,8 +284,8 @@ class DeliveryActivities:
                 return await self._delivered(row, found.json())
             if found.status_code != 404:
                 raise DeliveryUncertain(f"looking up {key}: HTTP {found.status_code}")
-        if not await asyncio.to_thread(self._count_send, key):
-            concluded = await asyncio.to_thread(self._read, key)
+        if not await in_db_thread(self._engine, self._count_send, key):
+            concluded = await in_db_thread(self._engine, self._read, key)
             assert concluded is not None
             return await self._answer(concluded)
         response = await self._call("POST", "/entitlements", json=self._body(row))
@@ -299,17 +299,17 @@ class DeliveryActivities:
         # a definite refusal: nothing was granted and nothing will be for this grant
         reason = _reason(response)
         log.warning("delivery %s refused by the game backend: %s", key, reason)
-        refused = await asyncio.to_thread(self._conclude, key, DeliveryState.REFUSED,
-                                          reason=reason)
+        refused = await in_db_thread(self._engine, self._conclude, key, DeliveryState.REFUSED,
+                                     reason=reason)
         return await self._answer(refused)
 
     @activity.defn(name="revoke_delivery")
     async def revoke_delivery(self, request: RevokeInput) -> RevokeOutput:
-        row = await asyncio.to_thread(self._read, request.idempotency_key)
+        row = await in_db_thread(self._engine, self._read, request.idempotency_key)
         if row is None or row.state == DeliveryState.REFUSED:
             return RevokeOutput(False, None, "never_granted")
         # marked first: a delivery attempt still running then takes back what it grants
-        row = await asyncio.to_thread(self._mark_revoked, row.grant_id, request.reason)
+        row = await in_db_thread(self._engine, self._mark_revoked, row.grant_id, request.reason)
         if not await self._ensure_revoked(row):
             return RevokeOutput(False, None, "never_granted")
         return RevokeOutput(True, row.entitlement_id, None)

@@ -11,7 +11,6 @@ on the activity's retry, and one whose fate is unknown is never sent twice.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from carriers.base import CarrierAdapter, OperationResult, Outcome
 from carriers.loader import Registry
 from carriers.sms_text import NOTICE_KINDS, UnknownNotice, notice_text, sms_encoding
 from keywords.routes import KeywordRoutes, default_routes
+from models.db import in_db_thread
 from models.inbound_sms import SmsNotice, reserve_notice, settle_notice
 from models.money import format_major
 from models.tables import PricePoint, Product, Subscriber, Subscription
@@ -110,14 +110,14 @@ class NoticeSender:
             raise ApplicationError(f"{kind} notice needs {sms_encoding(text).segments} segments",
                                    type="NoticeTooLong", non_retryable=True)
         channel, sender = found
-        row, may_send = await asyncio.to_thread(self._reserve, key, carrier_id, msisdn, kind,
-                                                locale)
+        row, may_send = await in_db_thread(self._engine, self._reserve, key, carrier_id,
+                                           msisdn, kind, locale)
         if not may_send:
             return NoticeOutput(row.state if row.state != "sending" else "unknown", key,
                                 text=text, message="already sent under this key")
         result = await channel.send_sms(key, msisdn, text, sender)
         state, outcome = _settled(result)
-        await asyncio.to_thread(self._settle, key, state, result)
+        await in_db_thread(self._engine, self._settle, key, state, result)
         if state == "refused" and result.outcome is Outcome.TRANSIENT:
             # the SMSC did not take it: the activity's retry sends it again
             raise ApplicationError(f"notice refused for now: {result.carrier_code}",
@@ -192,7 +192,7 @@ class NoticeActivities:
             raise ApplicationError(f"bad notice: kind {notice.kind!r}, key "
                                    f"{notice.idempotency_key!r}", type="ConfigurationError",
                                    non_retryable=True)
-        who = await asyncio.to_thread(self._subscriber, notice)
+        who = await in_db_thread(self._engine, self._subscriber, notice)
         locale = notice.locale or who.locale
         try:
             text = notice_text(notice.kind, locale, **(who.defaults | notice.params))

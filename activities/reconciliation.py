@@ -18,7 +18,6 @@ operator's ``reconcile``) writes nothing new, and a late settlement racing with 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -35,6 +34,7 @@ from temporalio.exceptions import ApplicationError
 from carriers.loader import Registry
 from models import ledger
 from models import operations as ops
+from models.db import in_db_thread
 from models.reconciliation import ReconciliationItem, ReconciliationRun
 from models.tables import (
     CarrierOperation,
@@ -384,8 +384,8 @@ class ReconciliationActivities:
         # after, and one first sent the day before may be booked then and resent today
         next_rows, _ = await self.fetch_report(request.carrier_id, day + timedelta(days=1))
         previous_rows, _ = await self.fetch_report(request.carrier_id, day - timedelta(days=1))
-        return await asyncio.to_thread(self._apply, request.carrier_id, day, rows, final,
-                                       [*next_rows, *previous_rows])
+        return await in_db_thread(self._engine, self._apply, request.carrier_id, day, rows,
+                                  final, [*next_rows, *previous_rows])
 
     def all(self) -> list[Any]:
         return [self.reconcile_carrier_day]

@@ -8,7 +8,6 @@ nothing left to cancel, and every answer is keyed by the row, so it is sent at m
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from activities.notices import NoticeOutput, NoticeSender
 from carriers.loader import Registry
 from carriers.sms_text import notice_text
 from keywords.routes import ActionKind, KeywordAction, KeywordRoutes, default_routes
+from models.db import in_db_thread
 from models.inbound_sms import InboundSms, finish_inbound
 from models.money import format_major
 from models.tables import PricePoint, Subscriber, Subscription
@@ -101,13 +101,13 @@ class MoHandler:
     async def handle(self, row: InboundSms) -> str:
         """Acts on the row and closes it; returns what was done."""
         assert row.id is not None
-        locale, held = await asyncio.to_thread(self._held, row.msisdn, row.carrier_id)
+        locale, held = await in_db_thread(self._engine, self._held, row.msisdn, row.carrier_id)
         action = self._routes.route(row.short_code, row.text, locale)
         if action.route is None or action.route.carrier_id != row.carrier_id:
             outcome, state = "not one of our short codes on this carrier", "ignored"
         else:
             outcome, state = await self._act(row, action, held), "handled"
-        await asyncio.to_thread(self._finish, row.id, state, action.kind.value, outcome)
+        await in_db_thread(self._engine, self._finish, row.id, state, action.kind.value, outcome)
         log.info("mo %s on %s: %s -> %s", row.id, row.carrier_id, action.kind.value, outcome)
         return outcome
 

@@ -26,6 +26,7 @@ from carriers.pool import AdapterPool
 from carriers.smpp import MobileOriginated, SmppAdapter
 from keywords.handler import MoHandler
 from keywords.routes import KeywordRoutes
+from models.db import in_db_thread
 from models.inbound_sms import (
     INBOUND_OPEN,
     InboundSms,
@@ -64,7 +65,7 @@ class MoService:
     async def accept(self, mo: MobileOriginated) -> None:
         """Stores the text (raising if it cannot: the SMSC will deliver it again) and queues
         it unless a redelivery finds it acted on already."""
-        row = await asyncio.to_thread(self._store, mo)
+        row = await in_db_thread(self._engine, self._store, mo)
         assert row.id is not None
         if row.state == INBOUND_OPEN:
             self._enqueue(row.id)
@@ -89,7 +90,7 @@ class MoService:
 
     async def resume(self) -> int:
         """Queues the texts stored but never acted on (a worker stopped in between)."""
-        rows = await asyncio.to_thread(self._open)
+        rows = await in_db_thread(self._engine, self._open)
         for row_id in rows:
             self._enqueue(row_id)
         return len(rows)
@@ -117,7 +118,7 @@ class MoService:
         failures = 0
         while True:
             try:
-                row = await asyncio.to_thread(self._load, row_id)
+                row = await in_db_thread(self._engine, self._load, row_id)
                 if row is not None and row.state == INBOUND_OPEN:
                     await self._handler.handle(row)
                 return
@@ -128,7 +129,7 @@ class MoService:
                     log.error("mo %s set aside after %d failures: %s", row_id, failures,
                               type(exc).__name__)
                     with contextlib.suppress(Exception):
-                        await asyncio.to_thread(self._set_aside, row_id, repr(exc)[:200])
+                        await in_db_thread(self._engine, self._set_aside, row_id, repr(exc)[:200])
                     return
                 log.warning("mo %s not acted on: %s; tried again in %.0fs", row_id,
                             type(exc).__name__, self._retry)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextvars
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -67,3 +73,38 @@ def migrate(url: str) -> None:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     command.upgrade(config, "head")
+
+
+# -- blocking database calls from async code ---------------------------------------------------
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+_EXECUTORS: weakref.WeakKeyDictionary[Engine, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
+_EXECUTORS_LOCK = threading.Lock()
+# PostgreSQL: as many threads as the engine's pool lends connections (pool_size + max_overflow)
+_POSTGRES_THREADS = 30
+
+
+def _executor(engine: Engine) -> ThreadPoolExecutor:
+    with _EXECUTORS_LOCK:
+        executor = _EXECUTORS.get(engine)
+        if executor is None:
+            # SQLite lets one connection write at a time, and threads that collide wait in its
+            # busy handler, which sleeps in steps of up to 100 ms: under load those sleeps
+            # became the charge path's latency. One thread per SQLite engine queues our calls
+            # in memory, in order, instead.
+            sqlite = engine.dialect.name == "sqlite"
+            executor = ThreadPoolExecutor(
+                max_workers=1 if sqlite else _POSTGRES_THREADS,
+                thread_name_prefix=f"db-{engine.dialect.name}")
+            _EXECUTORS[engine] = executor
+        return executor
+
+
+async def in_db_thread(engine: Engine, call: Callable[_P, _T], *args: _P.args,
+                       **kwargs: _P.kwargs) -> _T:
+    """``call(*args, **kwargs)`` on ``engine``'s database thread(s), awaited without blocking the event
+    loop (the caller's context variables go with it, as with ``asyncio.to_thread``)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(
+        _executor(engine), functools.partial(context.run, call, *args, **kwargs))

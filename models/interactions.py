@@ -1,30 +1,67 @@
 """Stores every carrier exchange (already redacted by the transport) as a CarrierInteraction,
-with its traceability document in the same transaction (``traceability.outbox``)."""
+with its traceability document in the same transaction (``traceability.outbox``).
+
+A money operation may hold its exchanges (``held``) to write them in the transaction that
+concludes it: one commit fewer on the charge path. Whatever is still held when the operation
+ends without concluding is written on its own, so no exchange goes unrecorded."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from carriers.http import InteractionRecord
+from models.db import in_db_thread
 from models.tables import CarrierInteraction
 from traceability.documents import interaction_document
 from traceability.outbox import enqueue
+
+_HELD: ContextVar[list[InteractionRecord] | None] = ContextVar("held_interactions",
+                                                                default=None)
+
+
+def add_interactions(session: Session, records: Sequence[InteractionRecord]) -> None:
+    """Adds the exchanges and their documents to the session's transaction; the caller
+    commits."""
+    for record in records:
+        row = CarrierInteraction(**record.model_dump())
+        session.add(row)
+        session.flush()  # the row's id names its document
+        enqueue(session, interaction_document(session, row))
+
+
+def _write(engine: Engine, records: Sequence[InteractionRecord]) -> None:
+    with Session(engine) as session:
+        add_interactions(session, records)
+        session.commit()
+
+
+@asynccontextmanager
+async def held(engine: Engine) -> AsyncIterator[list[InteractionRecord]]:
+    """Holds the exchanges this task records meanwhile in the list it yields; the holder
+    writes and empties it with its own transaction. What is left at the end is written here."""
+    records: list[InteractionRecord] = []
+    token = _HELD.set(records)
+    try:
+        yield records
+    finally:
+        _HELD.reset(token)
+        if records:
+            await in_db_thread(engine, _write, engine, list(records))
+            records.clear()
 
 
 class InteractionStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def _write(self, record: InteractionRecord) -> None:
-        with Session(self._engine) as session:
-            row = CarrierInteraction(**record.model_dump())
-            session.add(row)
-            session.flush()  # the row's id names its document
-            enqueue(session, interaction_document(session, row))
-            session.commit()
-
     async def record(self, record: InteractionRecord) -> None:
-        await asyncio.to_thread(self._write, record)
+        holding = _HELD.get()
+        if holding is not None:
+            holding.append(record)
+            return
+        await in_db_thread(self._engine, _write, self._engine, [record])

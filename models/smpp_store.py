@@ -12,7 +12,6 @@ racing (a receipt and a late submit_sm_resp, two workers) cannot undo each other
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from models.db import in_db_thread
 from models.tables import SmppSubmission, utcnow
 
 # where a receipt (or a query_sm answer) may take a row: never out of a final state
@@ -45,7 +45,7 @@ class SubmissionStore:
             return self._find(session, carrier_id, key)
 
     async def get(self, carrier_id: str, key: str) -> SmppSubmission | None:
-        return await asyncio.to_thread(self._get, carrier_id, key)
+        return await in_db_thread(self._engine, self._get, carrier_id, key)
 
     def _by_id(self, row_id: int) -> SmppSubmission:
         with Session(self._engine) as session:
@@ -88,7 +88,7 @@ class SubmissionStore:
 
     async def reserve(self, carrier_id: str, key: str, msisdn: str) -> tuple[SmppSubmission, bool]:
         """The submission for ``key``, and whether the caller may send it now."""
-        return await asyncio.to_thread(self._reserve, carrier_id, key, msisdn)
+        return await in_db_thread(self._engine, self._reserve, carrier_id, key, msisdn)
 
     def _submitted(self, carrier_id: str, key: str, message_id: str) -> SmppSubmission | None:
         match = (_table.c.carrier_id == carrier_id) & (_table.c.idempotency_key == key)
@@ -101,7 +101,7 @@ class SubmissionStore:
     async def submitted(self, carrier_id: str, key: str, message_id: str
                         ) -> SmppSubmission | None:
         """The SMSC accepted the submission and named it ``message_id`` (submit_sm_resp)."""
-        return await asyncio.to_thread(self._submitted, carrier_id, key, message_id)
+        return await in_db_thread(self._engine, self._submitted, carrier_id, key, message_id)
 
     def _refused(self, row_id: int) -> SmppSubmission:
         self._move((_table.c.id == row_id) & (_table.c.state == "sending"), state="refused")
@@ -109,7 +109,7 @@ class SubmissionStore:
 
     async def refused(self, row_id: int) -> SmppSubmission:
         """The SMSC answered that it did not take the submission: it may be sent again."""
-        return await asyncio.to_thread(self._refused, row_id)
+        return await in_db_thread(self._engine, self._refused, row_id)
 
     def _settled(self, row_id: int, delivered: bool, message_id: str | None,
                  receipt_status: str, error_code: str) -> SmppSubmission:
@@ -123,8 +123,8 @@ class SubmissionStore:
                       receipt_status: str, error_code: str) -> SmppSubmission:
         """The final state from a receipt or a query_sm answer. The first final state stays:
         a repeated or later answer changes nothing. Returns the row as it now is."""
-        return await asyncio.to_thread(self._settled, row_id, delivered, message_id,
-                                       receipt_status, error_code)
+        return await in_db_thread(self._engine, self._settled, row_id, delivered, message_id,
+                                  receipt_status, error_code)
 
     # -- receipts ---------------------------------------------------------------------------------
 
@@ -157,5 +157,5 @@ class SubmissionStore:
 
     async def match_receipt(self, carrier_id: str, message_id: str | None,
                             user_reference: int | None, msisdn: str) -> SmppSubmission | None:
-        return await asyncio.to_thread(self._match_receipt, carrier_id, message_id,
-                                       user_reference, msisdn)
+        return await in_db_thread(self._engine, self._match_receipt, carrier_id, message_id,
+                                  user_reference, msisdn)

@@ -16,14 +16,14 @@ from carriers.base import OperationResult, Outcome
 from models import operations as ops
 from models.operations import OperationSpec
 from models.outbox import OutboxEntry
-from models.tables import LedgerEntry, LedgerKind, OperationState
+from models.tables import CarrierInteraction, LedgerEntry, LedgerKind, OperationState
 
 # (statements, commits) of one successful charge: operation, ledger and subscription with its
-# subscriber read, operation recorded; the carrier's interaction and its document; ledger
-# entry, its document and the operation settled together. Caps add the subscriber's lock and
-# the spend read.
-WITHOUT_RULES = (9, 3)
-WITH_RULES = (13, 3)
+# subscriber read, operation recorded; then the ledger entry and its document, the carrier's
+# interaction and its document, and the operation settled, together. Caps add the
+# subscriber's lock and the spend read.
+WITHOUT_RULES = (9, 2)
+WITH_RULES = (13, 2)
 
 
 @pytest.mark.parametrize(("rules", "most"), [(False, WITHOUT_RULES), (True, WITH_RULES)])
@@ -90,3 +90,28 @@ async def test_a_conclusion_that_fails_to_settle_leaves_no_ledger_entry(
                         if row.doc_id.startswith("ledger-")]
             found = ops.find(session, charge.idempotency_key)
             assert found is not None and found.state == OperationState.SENDING
+
+
+async def test_the_carriers_exchange_is_recorded_even_when_the_conclusion_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exchange waits to commit with the conclusion; a conclusion that fails writes it on
+    its own, and the operation stays open (sending) for settling."""
+    async with bench("fr-azur", False, tmp_path) as b:
+        subscriber_id, subscription_id, token, price = await asyncio.to_thread(b.subscribe)
+        charge = b.charge_input(subscriber_id, subscription_id, token, price, 1)
+
+        def broken(session: Session, *args: Any, **kwargs: Any) -> bool:
+            raise RuntimeError("the database went away")
+
+        monkeypatch.setattr(ops, "transition", broken)
+        with pytest.raises(RuntimeError):
+            await b.charge(charge)
+        with Session(b.engine) as session:
+            calls = session.exec(select(CarrierInteraction).where(
+                CarrierInteraction.idempotency_key == charge.idempotency_key)).all()
+            documents = [row.doc_id for row in session.exec(select(OutboxEntry)).all()]
+            found = ops.find(session, charge.idempotency_key)
+        assert [(c.operation, c.outcome) for c in calls] == [("charge", "succeeded")]
+        assert f"interaction-{calls[0].id}" in documents
+        assert not [d for d in documents if d.startswith("ledger-")]
+        assert found is not None and found.state == OperationState.SENDING
