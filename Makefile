@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint unit bench clean chaos docs
+.PHONY: install demo test lint unit bench bench-curve bench-scale clean chaos docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ docs: install
 
 bench: install
 	$(BIN)/python -m bench.billing $(BENCH_ARGS)
+
+# billing throughput against the number of billing worker processes, one pair each
+bench-curve: install
+	for n in 1 2 3; do $(BIN)/python -m bench.billing --workers $$n --pairs 1 --pairs-only \
+		$(BENCH_ARGS) || exit 1; done
+
+# 10 000 subscriptions on one machine: memory, bytes per subscription, events per run
+bench-scale: install
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 # chaos run against the real stack (options: CHAOS_ARGS="--subscriptions 24 --seconds 45
 # --phases carriers,worker,simulator,postgres,temporal"); fails on a double or lost debit

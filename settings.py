@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     max_concurrent_activities_per_carrier: int = 20
     activity_pollers_per_carrier: int = 2
     max_concurrent_workflow_tasks: int = 200
+    # new subscriptions' charges start as local activities (carriers/gate.py; the bench runs
+    # with it on); the share of each carrier's rate limit all workers' local calls may take
+    # together (0: every charge goes through the carrier's queue), and how many worker
+    # processes split it
+    local_charges: bool = False
+    local_call_share: float = 0.5
+    worker_processes: int = 1
+    max_concurrent_local_activities: int = 200
+    # workflows kept in memory between their tasks (a workflow not cached replays its history)
+    max_cached_workflows: int = 2000
+    gil_switch_interval_seconds: float = 0.001
 
     opensearch_url: str | None = None
     # payload encryption (codec/): key id -> base64 AES key (16/24/32 bytes); new payloads use

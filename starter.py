@@ -133,7 +133,8 @@ class SubscriptionClient:
 
     def __init__(self, client: Client, engine: Engine, registry: Registry, task_queue: str,
                  deployment_id: str = "dev", apply_rules: bool = False,
-                 rules_resolver: RulesResolver = resolve_rules) -> None:
+                 rules_resolver: RulesResolver = resolve_rules,
+                 local_charges: bool = False) -> None:
         self.client = client
         self.engine = engine
         self.registry = registry
@@ -141,6 +142,8 @@ class SubscriptionClient:
         self.deployment_id = deployment_id
         self.apply_rules = apply_rules
         self.rules_resolver = rules_resolver
+        # new subscriptions' charges start as local activities (settings.local_charges)
+        self.local_charges = local_charges
 
     @classmethod
     async def connect(cls, settings: Settings | None = None) -> SubscriptionClient:
@@ -149,7 +152,8 @@ class SubscriptionClient:
             settings.temporal_address, namespace=settings.temporal_namespace,
             data_converter=codec.data_converter(settings))
         return cls(client, make_engine(settings.database_url), default_registry(),
-                   settings.task_queue, settings.deployment_id, settings.apply_rules)
+                   settings.task_queue, settings.deployment_id, settings.apply_rules,
+                   local_charges=settings.local_charges)
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -271,6 +275,7 @@ class SubscriptionClient:
                                                   self.registry.carriers[carrier.id]),
             rules=rules,
             locale=self.registry.country_of(carrier.id).default_locale,
+            local_charges=self.local_charges,
         )
         try:
             await self.client.start_workflow(

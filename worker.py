@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
@@ -19,6 +20,7 @@ from activities.billing import BillingActivities
 from activities.delivery import DeliveryActivities
 from activities.notices import NoticeActivities
 from activities.reconciliation import ReconciliationActivities
+from carriers.gate import CarrierGates
 from carriers.loader import Registry, carrier_task_queue, default_registry
 from carriers.pool import AdapterPool
 from keywords.service import attach_mobile_originated
@@ -81,7 +83,11 @@ def build_worker(
     registry: Registry | None = None,
 ) -> WorkerGroup:
     registry = registry or default_registry()
-    activities = BillingActivities(engine, adapters, registry, settings.deployment_id)
+    # local charges may hold half the worker's local activity slots; the rest answer at once
+    gates = CarrierGates(registry, settings.max_concurrent_activities_per_carrier,
+                         settings.local_call_share, settings.worker_processes,
+                         local_limit=max(settings.max_concurrent_local_activities // 2, 1))
+    activities = BillingActivities(engine, adapters, registry, settings.deployment_id, gates)
     delivery = DeliveryActivities(engine, settings.game_backend_url,
                                   settings.game_backend_token.get_secret_value(),
                                   settings.deployment_id, settings.game_backend_timeout_seconds)
@@ -94,13 +100,16 @@ def build_worker(
                     *ReconciliationActivities(engine, registry, settings.simulator_urls).all()],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        max_concurrent_local_activities=settings.max_concurrent_local_activities,
+        max_cached_workflows=settings.max_cached_workflows,
     )]
     queues: dict[str, float] = {}
     for carrier in registry.carriers.values():
         queue = carrier_task_queue(settings.task_queue, carrier)
-        # carriers sharing a group share its lowest declared rate
-        queues[queue] = min(queues.get(queue, carrier.rate_limit_per_second),
-                            carrier.rate_limit_per_second)
+        # carriers sharing a group share its lowest declared rate; local calls take their
+        # share of it (carriers/gate.py), the queue the rest
+        rate = CarrierGates.queue_rate(carrier, settings.local_call_share)
+        queues[queue] = min(queues.get(queue, rate), rate)
     for queue, rate in sorted(queues.items()):
         workers.append(Worker(
             client,
@@ -163,6 +172,9 @@ def main() -> None:
         k: v for k, v in vars(args).items() if v is not None
     }
     settings = settings.model_copy(update=overrides)
+    # the event loop and the database thread hand the GIL to each other several times per
+    # charge; a waiting thread takes it after this long (CPython's default: 5 ms)
+    sys.setswitchinterval(settings.gil_switch_interval_seconds)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # one line per bulk request is noise; failures still show
     logging.getLogger("opensearch").setLevel(logging.WARNING)

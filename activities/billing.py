@@ -9,9 +9,10 @@ raise only for faults of our own (database, configuration).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.messages import (
+    OVERFLOW,
     BalanceInput,
     BalanceOutput,
     ChargeInput,
@@ -49,6 +51,7 @@ from carriers.base import (
     StatusRequest,
 )
 from carriers.factory import CarrierConfigError
+from carriers.gate import CarrierGates
 from carriers.http import InteractionRecord
 from carriers.loader import Registry
 from carriers.pool import AdapterPool
@@ -140,11 +143,13 @@ def _credentials_refused(result: OperationResult) -> bool:
 
 class BillingActivities:
     def __init__(self, engine: Engine, adapters: AdapterPool, registry: Registry,
-                 deployment_id: str = "dev") -> None:
+                 deployment_id: str = "dev", gates: CarrierGates | None = None) -> None:
         self._engine = engine
         self._adapters = adapters
         self._registry = registry
         self._deployment_id = deployment_id
+        # (None: no pacing here; the carrier queues' slots and rate limits alone)
+        self._gates = gates
 
     # -- shared money path --------------------------------------------------------------------
 
@@ -187,16 +192,17 @@ class BillingActivities:
     def _terms(self, carrier_id: str, adapter: CarrierAdapter) -> CarrierTerms:
         return CarrierTerms.of(adapter, self._registry.carriers[carrier_id].promises)
 
-    def _claim_resend(self, key: str) -> bool:
+    def _claim_resend(self, key: str, seen_sends: int) -> bool:
         with Session(self._engine, expire_on_commit=False) as session:
             # (unsettled: a refund asked for again after its settlement was abandoned)
             return ops.claim_resend(session, key, (OperationState.SENDING,
                                                    OperationState.PENDING,
-                                                   OperationState.UNSETTLED))
+                                                   OperationState.UNSETTLED), seen_sends)
 
-    async def _resend_with(self, key: str, send: Callable[[], Awaitable[OperationResult]]
-                           ) -> OperationResult:
-        if not await in_db_thread(self._engine, self._claim_resend, key):
+    async def _resend_with(self, key: str, seen_sends: int,
+                           send: Callable[[], Awaitable[OperationResult]]) -> OperationResult:
+        """Sends again only if no one sent it since we read it (``seen_sends``)."""
+        if not await in_db_thread(self._engine, self._claim_resend, key, seen_sends):
             return OperationResult(outcome=Outcome.UNKNOWN,
                                    message="another attempt holds this operation")
         return await send()
@@ -306,7 +312,11 @@ class BillingActivities:
             if isinstance(context, Refusal):
                 return context
             operation = context.operation
-            earlier = await in_db_thread(self._engine, self._settled_answer, operation, context.ledger_entry)
+            # (a hop to the database thread only when there is something to write)
+            earlier = (await in_db_thread(self._engine, self._settled_answer, operation,
+                                          context.ledger_entry)
+                       if context.ledger_entry is not None
+                       else self._settled_answer(operation, None))
             if earlier is not None:
                 return earlier, operation, context.original_reference
             msisdn, original = context.msisdn, context.original_reference
@@ -323,7 +333,7 @@ class BillingActivities:
                 held = ("a late settlement never sends" if not may_send
                         else self._resend_hold(operation, terms))
                 resend = None if held else (lambda: self._resend_with(
-                    spec.idempotency_key, lambda: send(msisdn, original)))
+                    spec.idempotency_key, operation.sends, lambda: send(msisdn, original)))
                 result = await settle(adapter, terms, lookup, _reported(operation, reported),
                                       resend, held or "")
             if _credentials_refused(result):
@@ -332,8 +342,41 @@ class BillingActivities:
 
     # -- activities ---------------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def _carrier_slot(self, carrier_id: str) -> AsyncIterator[None]:
+        """One of the carrier's slots in this worker, waited for (refunds and look-ups share
+        them with charges)."""
+        if self._gates is None:
+            yield
+            return
+        with _configuration_errors():
+            gate = self._gates.of(carrier_id)
+        await gate.enter_queued()
+        try:
+            yield
+        finally:
+            await gate.leave()
+
     @activity.defn(name="charge_subscription")
     async def charge_subscription(self, charge: ChargeInput) -> ChargeOutput:
+        """Run as a local activity first: with no free slot or token for its carrier in this
+        worker it sends and records nothing, and answers ``overflow`` (the workflow sends it
+        to the carrier's queue). On the carrier's queue it waits for a slot."""
+        if self._gates is None:
+            return await self._charge(charge)
+        with _configuration_errors():  # (a carrier we do not know: nothing is sent)
+            gate = self._gates.of(charge.carrier_id)
+        if activity.info().is_local:
+            if not gate.try_enter_local():
+                return ChargeOutput(OVERFLOW, message="no local slot or token: via the queue")
+            try:
+                return await self._charge(charge)
+            finally:
+                await gate.leave(local=True)
+        async with self._carrier_slot(charge.carrier_id):
+            return await self._charge(charge)
+
+    async def _charge(self, charge: ChargeInput) -> ChargeOutput:
         spec = OperationSpec(
             idempotency_key=charge.idempotency_key, kind=LedgerKind.CHARGE,
             carrier_id=charge.carrier_id, workflow_id=_workflow_id(),
@@ -362,7 +405,8 @@ class BillingActivities:
                             month_minor=spent.month_minor + in_flight)
             return first_refusal(charge.amount_minor, spent, rules, charge.is_subscription)
 
-        await in_db_thread(self._engine, self._record_decisions, charge)
+        if charge.decisions:
+            await in_db_thread(self._engine, self._record_decisions, charge)
         # the carrier exchanges commit with the conclusion (or on their own if it fails)
         async with held_interactions(self._engine) as exchanges:
             # no rules, no caps: nothing to serialise, so the subscriber's row is not locked
@@ -373,9 +417,17 @@ class BillingActivities:
                 return ChargeOutput("refused_by_rule", message=f"{ran.rule}: {ran.figure}",
                                     refusal=ran)
             result, operation, _ = ran
+            conclusion = asyncio.ensure_future(in_db_thread(
+                self._engine, self._conclude, operation, result, None, charge.list_price_minor,
+                exchanges))
             with _configuration_errors():
-                await in_db_thread(self._engine, self._conclude, operation, result, None,
-                                   charge.list_price_minor, exchanges)
+                try:
+                    await asyncio.shield(conclusion)
+                except asyncio.CancelledError:
+                    # the conclusion already running decides what was written (it empties
+                    # the held exchanges once they commit): wait for it, then stop
+                    await asyncio.wait({conclusion})
+                    raise
         return ChargeOutput(
             result.outcome.value, result.carrier_reference, result.carrier_code, result.message,
             result.retry_after_seconds,
@@ -481,7 +533,8 @@ class BillingActivities:
                 original_carrier_reference=charge.carrier_reference,
                 original_amount_minor=charge.amount_minor))
 
-        ran = await self._run(spec, None, send, request.reported)
+        async with self._carrier_slot(charge.carrier_id):
+            ran = await self._run(spec, None, send, request.reported)
         assert not isinstance(ran, Refusal)
         result, operation, _ = ran
         with _configuration_errors():
@@ -509,7 +562,8 @@ class BillingActivities:
             return BalanceOutput(None, f"{request.carrier_id} offers no balance look-up")
         msisdn = await in_db_thread(self._engine, self._msisdn, request.subscriber_id)
         try:
-            answer = await adapter.balance(msisdn, request.currency)
+            async with self._carrier_slot(request.carrier_id):
+                answer = await adapter.balance(msisdn, request.currency)
         except Exception as exc:  # a look-up that failed says nothing
             return BalanceOutput(None, f"balance look-up failed: {type(exc).__name__}")
         if answer.outcome is not Outcome.SUCCEEDED or answer.amount_minor is None or (

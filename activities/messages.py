@@ -8,6 +8,9 @@ from datetime import datetime
 from carriers.reports import CarrierReport
 from rules.types import ChargingRules, Refusal
 
+# a local charge attempt that found no room in its worker (nothing recorded, nothing sent)
+OVERFLOW = "overflow"
+
 __all__ = ["CarrierReport"]
 
 
@@ -50,7 +53,8 @@ class ChargeInput:
 @dataclass
 class ChargeOutput:
     # succeeded | insufficient_funds | rejected: final; transient: nothing happened, may be
-    # sent again later; pending | unknown: may have debited, to be settled
+    # sent again later; pending | unknown: may have debited, to be settled; overflow: the
+    # local attempt found no room in this worker, nothing was recorded or sent
     outcome: str
     carrier_reference: str | None = None
     carrier_code: str | None = None

@@ -74,6 +74,7 @@ RPC = timedelta(seconds=30)
 BENCH_AMOUNT = 1  # minor units: the bench's own interval price point
 DEFAULT_CARRIERS = "fr-azur,fr-lumiere,de-rheinfunk,es-iberica"
 PROCESSES = ("temporal server", "worker", "simulator", "bench")
+START_PACE = 40.0  # subscriptions started per second, at least (measured: 60–100)
 
 
 BEGAN = time.monotonic()
@@ -206,6 +207,7 @@ class Bench:
         self.address = f"127.0.0.1:{TEMPORAL_PORT}"
         self.pids: dict[str, int] = {}
         self.phase_no = 0
+        self.worker_names = [f"bench-worker-{n}" for n in range(1, args.workers + 1)]
         self.last_ceiling_ids: list[str] = []
         self._client: Client | None = None
         self._engine: Engine | None = None
@@ -254,8 +256,10 @@ class Bench:
                     interval_seconds=args.period, retry_schedule_seconds="5"))
             session.commit()
         env = self.stack.env(CB_DATABASE_URL=self.db_url, CB_SIMULATOR_URLS=json.dumps(urls),
-                             CB_TASK_QUEUE=self.queue, CB_TEMPORAL_ADDRESS=self.address)
-        self.stack.start_worker("bench-worker", env)
+                             CB_TASK_QUEUE=self.queue, CB_TEMPORAL_ADDRESS=self.address,
+                             CB_WORKER_PROCESSES=str(args.workers))
+        for name in self.worker_names:
+            self.stack.start_worker(name, env)
         # the stack's payload codec keys (stack.env hands them to both workers)
         settings = Settings(database_url=self.db_url, task_queue=self.queue,
                             temporal_address=self.address,
@@ -269,8 +273,10 @@ class Bench:
         self._client = await bounded(
             Client.connect(self.address, data_converter=codec.data_converter(settings)), 60,
             "connecting to Temporal")
+        # charges start as local activities (carriers/gate.py), unless --queue-charges
         self._subscriptions = SubscriptionClient(self.client, self.engine, self.registry,
-                                                 self.queue)
+                                                 self.queue,
+                                                 local_charges=not args.queue_charges)
         workflow, activity = (TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
                               TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY)
         await wait_for_poller(self.client, self.noop_queue, workflow, 60)
@@ -281,8 +287,8 @@ class Bench:
         self.pids = {"temporal server": self._pid("temporal"), "simulator": self._pid("simulator"),
                      "bench": os.getpid()}
 
-    def _cpu(self, worker: str) -> CpuWindow:
-        return CpuWindow({**self.pids, "worker": self._pid(worker)})
+    def _cpu(self, workers: Sequence[str]) -> CpuWindow:
+        return CpuWindow({**self.pids, **{name: self._pid(name) for name in workers}})
 
     # -- single calls, bounded by RPC -----------------------------------------------------------
 
@@ -309,11 +315,12 @@ class Bench:
 
     # -- the load phases -----------------------------------------------------------------------
 
-    async def _window(self, phase: Phase, worker: str, load_began: float) -> CpuWindow:
+    async def _window(self, phase: Phase, workers: Sequence[str], load_began: float
+                      ) -> CpuWindow:
         """Warm-up counts from the first start, but lasts at least 2 s after the last."""
         await asyncio.sleep(max(load_began + self.args.warmup - time.monotonic(), 2.0))
         self.stack.check_alive()
-        cpu = self._cpu(worker)
+        cpu = self._cpu(workers)
         cpu.start()
         began = time.time()
         await asyncio.sleep(self.args.window)
@@ -325,8 +332,12 @@ class Bench:
     @staticmethod
     def _per_charge(phase: Phase, cpu: CpuWindow) -> None:
         assert cpu.used is not None
-        phase.cpu_ms = {name: 1000 * used / max(phase.charges, 1)
-                        for name, used in cpu.used.items()}
+        used: dict[str, float] = {}
+        for name, seconds in cpu.used.items():  # the worker processes count as one
+            key = "worker" if "worker" in name else name
+            used[key] = used.get(key, 0.0) + seconds
+        phase.cpu_ms = {name: 1000 * seconds / max(phase.charges, 1)
+                        for name, seconds in used.items()}
 
     async def ceiling(self, workflows: int) -> Phase:
         self.phase_no += 1
@@ -336,7 +347,7 @@ class Bench:
         load_began = time.monotonic()
         await bounded(each(50, ids, self._start_noop), self.args.start_timeout,
                       "starting the no-op workflows")
-        cpu = await self._window(phase, "noop-worker", load_began)
+        cpu = await self._window(phase, ["noop-worker"], load_began)
         await bounded(each(50, ids, self._stop_noop), self.args.start_timeout,
                       "stopping the no-op workflows")
         phase.drained = await drain(self.client, ids, self.args.drain_timeout)
@@ -351,10 +362,15 @@ class Bench:
         self.last_ceiling_ids = ids
         return phase
 
-    def _requests(self, count: int, first_charge_at: datetime | None = None
-                  ) -> list[StartSubscriptionRequest]:
+    def _requests(self, count: int, first_charge_at: datetime | None = None,
+                  spread_from: datetime | None = None) -> list[StartSubscriptionRequest]:
+        """``spread_from``: the first charges fall due evenly over one period from then, so
+        the load is steady from the first round (as real renewals are spread), not a burst
+        at the pace the subscriptions were started."""
         requests = []
         for i in range(count):
+            if spread_from is not None:
+                first_charge_at = spread_from + timedelta(seconds=self.args.period * i / count)
             carrier = self.carriers[i % len(self.carriers)]
             currency = self.registry.country_of(carrier.id).currency
             requests.append(StartSubscriptionRequest(
@@ -371,10 +387,16 @@ class Bench:
         self.phase_no += 1
         phase = Phase("billing", workflows)
         progress(f"billing: {workflows} subscriptions, a charge every {self.args.period} s")
-        requests = self._requests(workflows)
+        # the starts must be done before the first charges fall due
+        lead = workflows / START_PACE + 2.0
+        requests = self._requests(workflows,
+                                  spread_from=datetime.now(UTC) + timedelta(seconds=lead))
         load_began = time.monotonic()
         started = await self._start(requests)
-        cpu = await self._window(phase, "bench-worker", load_began)
+        # warm-up: a whole round of charges first, and the --warmup at least
+        cpu = await self._window(phase, self.worker_names,
+                                 max(load_began, load_began + lead + self.args.period + 1.0
+                                     - self.args.warmup))
         # a signal, not the cancel update: under overload an update waits behind the backlog
         await bounded(each(50, started, self._signal_cancel), self.args.start_timeout,
                       "cancelling subscriptions")
@@ -479,6 +501,7 @@ def figures(args: argparse.Namespace, bench: Bench, pairs: list[tuple[Phase, Pha
         line("persistence", f"dev server, {args.persistence}"),
         line("load", f"{args.subscriptions} workflows, one cycle each every {args.period} s: "
                      f"demand {demand:.0f}/s"),
+        line("worker processes", f"billing {args.workers}, no-op 1"),
         line("carriers", f"{', '.join(c.id for c in bench.carriers)}; their queues allow "
                          f"{sum(c.rate_limit_per_second for c in bench.carriers):.0f}/s"),
         line("no-op ceiling", f"{spread(ceilings, 1)} cycles/s"),
@@ -545,6 +568,17 @@ def figures(args: argparse.Namespace, bench: Bench, pairs: list[tuple[Phase, Pha
     return out, cells
 
 
+def pairs_only(args: argparse.Namespace, pairs: list[tuple[Phase, Phase]]) -> list[str]:
+    """The throughput lines alone (``make bench-curve`` runs one of these per worker count)."""
+    ratios = [b.rate / c.rate for c, b in pairs if c.rate > 0]
+    cpu = median([sum(b.cpu_ms.values()) for _, b in pairs])
+    return [line("worker processes", f"billing {args.workers}, no-op 1"),
+            line("no-op ceiling", f"{spread([c.rate for c, _ in pairs], 1)} cycles/s"),
+            line("billing", f"{spread([b.rate for _, b in pairs], 1)} charges/s"),
+            line("cpu ms per charge, all", f"{cpu:.2f}"),
+            line("ratio", spread(ratios))]
+
+
 async def main_async(args: argparse.Namespace, stack: Stack) -> list[str]:
     bench = Bench(args, stack)
     await bench.setup()
@@ -553,6 +587,8 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> list[str]:
         ceiling = await bench.ceiling(args.subscriptions)
         billing, _totals = await bench.billing(args.subscriptions)
         pairs.append((ceiling, billing))
+    if args.pairs_only:
+        return pairs_only(args, pairs)
     noop_totals = await bench.ceiling_histories(args.history_sample)
     half_rate = median([c.rate for c, _ in pairs]) / 2
     half_count = max(int(round(half_rate * args.period)), 4)
@@ -561,7 +597,9 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> list[str]:
     lines, cells = figures(args, bench, pairs, half, half_totals, noop_totals, rates)
     if args.record:
         options = (f"{args.subscriptions} × every {args.period} s, {args.pairs} pairs of "
-                   f"{args.warmup:g}+{args.window:g} s, {args.persistence}"
+                   f"{args.warmup:g}+{args.window:g} s, {args.persistence}, "
+                   f"{args.workers} worker{'s' if args.workers > 1 else ''}"
+                   + (", queue charges" if args.queue_charges else ", local charges")
                    + (", quick" if args.quick else ""))
         append_run(DOC, [datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), git_commit(PROJECT_ROOT),
                          options, cells["ceiling"], cells["billing"], cells["ratio"],
@@ -588,6 +626,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="histories read for the latency split and events per charge")
     parser.add_argument("--start-cancel", type=int, default=100,
                         help="subscriptions started and cancelled for the start/cancel rates")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="billing worker processes (each is one Python process: one core)")
     parser.add_argument("--carriers", default=DEFAULT_CARRIERS,
                         help="carriers billed, round robin (each queue is rate limited)")
     parser.add_argument("--persistence", choices=["memory", "sqlite", "wal"], default="wal")
@@ -599,6 +639,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the whole run stops after this many seconds")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--queue-charges", action="store_true",
+                        help="charge on the carriers' task queues only (no local activities)")
+    parser.add_argument("--pairs-only", action="store_true",
+                        help="the interleaved pairs alone (no half load, starts or cancels)")
     parser.add_argument("--record", action="store_true",
                         help="append the run to the table in docs/benchmarks.md")
     args = parser.parse_args(argv)

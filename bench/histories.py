@@ -3,7 +3,9 @@
 
 A history (all runs of one workflow, oldest first) is cut in three:
 
-* start: from the first event to the first charge activity's ``ActivityTaskScheduled``;
+* start: from the first event to the first charge: its activity's ``ActivityTaskScheduled``,
+  or its local activity's ``MarkerRecorded`` (a local attempt that overflowed to the carrier's
+  queue and the activity scheduled for it in the same workflow task are one charge);
 * steady state: whole cycles, from the first charge activity's scheduling up to (not including)
   the last one's, so the steady events per charge are those of exactly ``charges - 1`` cycles;
   a continue-as-new inside falls here, as it should;
@@ -18,7 +20,8 @@ Latencies come from event times, all written by the server:
 * workflow task: ``WorkflowTaskScheduled`` → ``Started`` (queue) and → ``Completed`` (whole);
 * activity schedule-to-start: ``ActivityTaskScheduled`` → ``ActivityTaskStarted`` (the started
   event is written when the activity ends, but its time is the time of the start);
-* activity run: ``ActivityTaskStarted`` → ``ActivityTaskCompleted`` (last attempt).
+* activity run: ``ActivityTaskStarted`` → ``ActivityTaskCompleted`` (last attempt); for a local
+  activity, its marker's schedule time → complete time (it has no queue wait of the server's).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
+
+from traceability.markers import local_activity
 
 BILLABLE = {
     EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED: "workflow start",
@@ -45,10 +51,22 @@ def seconds(event: HistoryEvent) -> float:
     return event.event_time.seconds + event.event_time.nanos / 1e9
 
 
+def _timestamp(value: Any) -> float | None:
+    if not isinstance(value, dict):
+        return None
+    return float(value.get("seconds", 0)) + float(value.get("nanos", 0)) / 1e9
+
+
 def actions_of(events: Iterable[HistoryEvent]) -> Counter[str]:
     """Billable actions: starts, timers, signals, updates, upserts and activity attempts (an
-    activity's ``ActivityTaskStarted`` names its attempt: attempts 1..n were all billed)."""
+    activity's ``ActivityTaskStarted`` names its attempt: attempts 1..n were all billed); the
+    local activities of one workflow task are one action (Temporal Cloud's rule)."""
     actions: Counter[str] = Counter()
+    local_tasks: set[int] = set()
+    for event in events:
+        if local_activity(event) is not None:
+            local_tasks.add(event.marker_recorded_event_attributes.workflow_task_completed_event_id)
+    actions["local activities"] = len(local_tasks)
     for event in events:
         kind = BILLABLE.get(event.event_type)
         if kind:
@@ -72,6 +90,26 @@ def activity_key(event: HistoryEvent) -> str | None:
     return key if isinstance(key, str) else None
 
 
+def charge_indices(events: Sequence[HistoryEvent], activity_type: str) -> list[int]:
+    """Where each charge begins: its local activity's marker, or its activity's scheduling
+    when no marker of the same workflow task came before it (an overflow)."""
+    found: list[int] = []
+    marked_task: int | None = None
+    for i, event in enumerate(events):
+        data = local_activity(event)
+        if data is not None and data.get("activity_type") == activity_type:
+            found.append(i)
+            marked_task = event.marker_recorded_event_attributes.workflow_task_completed_event_id
+        elif (event.event_type == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+              and event.activity_task_scheduled_event_attributes.activity_type.name
+              == activity_type):
+            task = event.activity_task_scheduled_event_attributes \
+                .workflow_task_completed_event_id
+            if task != marked_task:
+                found.append(i)
+    return found
+
+
 @dataclass
 class Segments:
     start: list[HistoryEvent]
@@ -92,9 +130,7 @@ def split(events: Sequence[HistoryEvent], activity_type: str,
           cancel_names: Iterable[str]) -> Segments:
     """Cuts a history into start, steady state and cancellation (see the module's doc)."""
     names = set(cancel_names)
-    charges = [i for i, e in enumerate(events)
-               if e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-               and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type]
+    charges = charge_indices(events, activity_type)
     cancel_at = len(events)
     for i, event in enumerate(events):
         if (event.event_type == E.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
@@ -153,6 +189,16 @@ def latencies(events: Sequence[HistoryEvent], activity_type: str,
 
     for event in events:
         kind = event.event_type
+        data = local_activity(event)
+        if data is not None and data.get("activity_type") == activity_type:
+            scheduled_at = _timestamp(data.get("original_schedule_time"))
+            completed_at = _timestamp(data.get("complete_time"))
+            if scheduled_at is not None and completed_at is not None and keep(scheduled_at,
+                                                                                completed_at):
+                found.activity_run.append(completed_at - scheduled_at)
+                key = data.get("activity_id")
+                found.runs_by_key.append((key if isinstance(key, str) else None,
+                                          completed_at - scheduled_at))
         if kind == E.EVENT_TYPE_TIMER_FIRED:
             started = by_id.get(event.timer_fired_event_attributes.started_event_id)
             if started is not None:

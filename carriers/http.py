@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -142,6 +143,18 @@ class HttpTransport:
         reply: HttpReply | None = None
         error: str | None = None
         result: OperationResult
+
+        async def record(outcome: Outcome, error: str | None) -> None:
+            await self._sink(InteractionRecord(
+                carrier_id=self.carrier_id, operation=operation,
+                idempotency_key=idempotency_key, method=method,
+                url=redact(str(request.url), self._secrets),
+                request_body=redact(request.content.decode("utf-8", "replace"), self._secrets),
+                status_code=reply.status_code if reply else None,
+                response_body=redact(reply.text, self._secrets) if reply else "",
+                outcome=outcome.value, error=redact(error, self._secrets) if error else None,
+                latency_ms=int((time.perf_counter() - started) * 1000)))
+
         try:
             response = await self._client.send(request)
             reply = HttpReply(response.status_code, response.text, response.headers)
@@ -160,25 +173,14 @@ class HttpTransport:
             result = OperationResult(
                 outcome=Outcome.UNKNOWN, message=f"no answer after sending: {error}"
             )
-        latency_ms = int((time.perf_counter() - started) * 1000)
+        except asyncio.CancelledError:
+            # the call was stopped (a timeout, a cancel, a worker stopping) after the request
+            # may have left: what was sent is recorded all the same
+            await record(Outcome.UNKNOWN, "cancelled while waiting for the answer")
+            raise
         if result.message:  # carrier text reaches workflow histories
             result = result.model_copy(update={"message": redact(result.message, self._secrets)})
-        error = redact(error, self._secrets) if error else None
-        await self._sink(
-            InteractionRecord(
-                carrier_id=self.carrier_id,
-                operation=operation,
-                idempotency_key=idempotency_key,
-                method=method,
-                url=redact(str(request.url), self._secrets),
-                request_body=redact(request.content.decode("utf-8", "replace"), self._secrets),
-                status_code=reply.status_code if reply else None,
-                response_body=redact(reply.text, self._secrets) if reply else "",
-                outcome=result.outcome.value,
-                error=error,
-                latency_ms=latency_ms,
-            )
-        )
+        await record(result.outcome, error)
         return result
 
     async def aclose(self) -> None:

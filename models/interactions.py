@@ -7,9 +7,12 @@ ends without concluding is written on its own, so no exchange goes unrecorded.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -20,8 +23,22 @@ from models.tables import CarrierInteraction
 from traceability.documents import interaction_document
 from traceability.outbox import enqueue
 
-_HELD: ContextVar[list[InteractionRecord] | None] = ContextVar("held_interactions",
-                                                                default=None)
+
+@dataclass
+class _Holding:
+    """Exchanges held by one task while it is open. A task started meanwhile (an SMPP
+    session's reader, say) inherits the context variable but is not the holder: its
+    exchanges, and any recorded after the holding closed, are written at once."""
+
+    task: asyncio.Task[Any] | None
+    records: list[InteractionRecord] = field(default_factory=list)
+    open: bool = True
+
+    def takes(self) -> bool:
+        return self.open and self.task is asyncio.current_task()
+
+
+_HELD: ContextVar[_Holding | None] = ContextVar("held_interactions", default=None)
 
 
 def add_interactions(session: Session, records: Sequence[InteractionRecord]) -> None:
@@ -44,11 +61,13 @@ def _write(engine: Engine, records: Sequence[InteractionRecord]) -> None:
 async def held(engine: Engine) -> AsyncIterator[list[InteractionRecord]]:
     """Holds the exchanges this task records meanwhile in the list it yields; the holder
     writes and empties it with its own transaction. What is left at the end is written here."""
-    records: list[InteractionRecord] = []
-    token = _HELD.set(records)
+    holding = _Holding(asyncio.current_task())
+    records = holding.records
+    token = _HELD.set(holding)
     try:
         yield records
     finally:
+        holding.open = False
         _HELD.reset(token)
         if records:
             await in_db_thread(engine, _write, engine, list(records))
@@ -61,7 +80,7 @@ class InteractionStore:
 
     async def record(self, record: InteractionRecord) -> None:
         holding = _HELD.get()
-        if holding is not None:
-            holding.append(record)
+        if holding is not None and holding.takes():
+            holding.records.append(record)
             return
         await in_db_thread(self._engine, _write, self._engine, [record])

@@ -87,7 +87,8 @@ def reserve_found(session: Session, spec: OperationSpec,
     never_taken = not existing.ambiguous and not existing.carrier_reference \
         and existing.reported_outcome is None
     if existing.state in (OperationState.RETRYABLE, OperationState.UNSETTLED) and never_taken \
-            and claim_resend(session, existing.idempotency_key, (OperationState(existing.state),)):
+            and claim_resend(session, existing.idempotency_key, (OperationState(existing.state),),
+                             existing.sends):
         session.refresh(existing)
         return Reservation(existing, True)
     return Reservation(existing, False)
@@ -100,13 +101,17 @@ def _loaded(session: Session, row: object) -> None:
         session.refresh(row)
 
 
-def claim_resend(session: Session, key: str, allowed_from: Sequence[OperationState]) -> bool:
+def claim_resend(session: Session, key: str, allowed_from: Sequence[OperationState],
+                 seen_sends: int | None = None) -> bool:
     """Moves the operation to SENDING for one more send, if it is still in one of
-    ``allowed_from``; False if anyone else moved it first."""
+    ``allowed_from`` (and, given ``seen_sends``, still sent that many times: two attempts that
+    read it alike cannot both claim it); False if anyone else moved it first."""
     table = CarrierOperation.__table__  # type: ignore[attr-defined]
+    unchanged = [] if seen_sends is None else [table.c.sends == seen_sends]
     result = session.execute(
         sa.update(table)
-        .where(table.c.idempotency_key == key, table.c.state.in_([s.value for s in allowed_from]))
+        .where(table.c.idempotency_key == key, table.c.state.in_([s.value for s in allowed_from]),
+               *unchanged)
         .values(state=OperationState.SENDING.value, sends=table.c.sends + 1,
                 last_sent_at=utcnow(), updated_at=utcnow()))
     session.commit()

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 
+from carriers.gate import MAX_LOCAL_SHARE, CarrierGates
+from carriers.loader import default_registry
 from settings import PROJECT_ROOT, Settings
 from workflows import search_attributes
 
@@ -243,6 +245,19 @@ def test_services_pdbs_and_hpa_select_their_pods() -> None:
     assert (target["kind"], target["name"]) == ("Deployment", "billing-worker")
     deployment = _find("Deployment", "billing-worker")
     assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_each_pods_share_of_a_carriers_local_calls_assumes_the_most_pods() -> None:
+    """Local charges are paced per pod (carriers/gate.py): sized for the autoscaler's maximum,
+    all pods together stay within each carrier's rate however many run."""
+    data = _configmap()
+    hpa = _find("HorizontalPodAutoscaler", "billing-worker")
+    assert int(data["CB_WORKER_PROCESSES"]) >= hpa["spec"]["maxReplicas"]
+    assert 0.0 <= float(data["CB_LOCAL_CALL_SHARE"]) <= MAX_LOCAL_SHARE
+    settings = Settings(local_call_share=float(data["CB_LOCAL_CALL_SHARE"]),
+                        worker_processes=int(data["CB_WORKER_PROCESSES"]), _env_file=None)
+    CarrierGates(default_registry(), settings.max_concurrent_activities_per_carrier,
+                 settings.local_call_share, settings.worker_processes)
 
 
 def test_helm_values_register_exactly_the_search_attributes() -> None:

@@ -251,7 +251,10 @@ async def activity_summaries(handle: object) -> list[str]:
     return [
         event.user_metadata.summary.data.decode()
         async for event in handle.fetch_history_events()  # type: ignore[attr-defined]
-        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        # (a charge attempt runs as a local activity first: its marker carries the summary)
+        if event.event_type in (EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
+                                EventType.EVENT_TYPE_MARKER_RECORDED)
+        and event.user_metadata.HasField("summary")
     ]
 
 

@@ -4,6 +4,7 @@ outage, idempotent on re-delivery, and never holding a plain MSISDN."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from models import ledger
 from models.db import make_engine, migrate
 from models.inbound_sms import InboundSms, finish_inbound, reserve_notice, settle_notice, store_inbound
 from models.interactions import InteractionStore
+from models.interactions import held as held_interactions
 from models.outbox import OutboxEntry
 from models.seed import seed_reference_data
 from models.tables import (
@@ -166,6 +168,39 @@ async def test_an_interaction_and_its_document_commit_together_or_not_at_all(
     with Session(db) as session:
         after = session.exec(select(sa.func.count()).select_from(CarrierInteraction)).one()
     assert after == before
+
+
+async def test_exchanges_held_for_a_conclusion_are_only_the_holding_tasks_own(db: Engine) -> None:
+    """A charge holds its exchanges to commit them with its conclusion. A task it started (an
+    SMPP session's reader, whose receipts come for other charges later) inherits the holding's
+    context but not the holding: its exchanges are written at once, as are any recorded after
+    the holding closed, and what the holder never concluded is written when it lets go."""
+    sub, msisdn = subscription(db)
+    store = InteractionStore(db)
+
+    def stored() -> list[int]:
+        with Session(db) as session:
+            return [r.latency_ms for r in session.exec(select(CarrierInteraction)).all()]
+
+    before = stored()
+    reader: asyncio.Task[None] | None = None
+    later = asyncio.Event()
+
+    async def read_receipts() -> None:
+        await store.record(record(sub, msisdn, operation="receipt", latency=2))
+        await later.wait()
+        await store.record(record(sub, msisdn, operation="receipt", latency=3))
+
+    async with held_interactions(db) as exchanges:
+        await store.record(record(sub, msisdn, latency=1))
+        reader = asyncio.ensure_future(read_receipts())
+        await asyncio.sleep(0.05)
+        assert exchanges == [record(sub, msisdn, latency=1)]
+        assert sorted(set(stored()) - set(before)) == [2]
+    assert sorted(set(stored()) - set(before)) == [1, 2]  # written on letting go
+    later.set()
+    await asyncio.wait_for(reader, 5)
+    assert sorted(set(stored()) - set(before)) == [1, 2, 3]
 
 
 def test_a_ledger_entry_queues_one_document_and_a_repeated_key_none(db: Engine) -> None:

@@ -26,6 +26,7 @@ from carriers.redaction import redact
 from models.msisdn import mask_msisdn, normalize_msisdn
 from models.tables import CarrierOperation, LedgerEntry, Subscriber, Subscription
 from traceability.documents import INDEX_PATTERN, as_utc, msisdn_hash
+from traceability.markers import local_activity
 
 # workflow-task bookkeeping says nothing about the payment
 _QUIET = {EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
@@ -122,6 +123,9 @@ def _describe(event: HistoryEvent) -> str:
     name = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").lower()
     if event.HasField("activity_task_scheduled_event_attributes"):
         return f"{name} {event.activity_task_scheduled_event_attributes.activity_type.name}"
+    local = local_activity(event)
+    if local is not None:  # (a charge's id is its idempotency key)
+        return f"local_activity {local.get('activity_type')} {local.get('activity_id')}"
     if event.HasField("workflow_execution_signaled_event_attributes"):
         return f"{name} {event.workflow_execution_signaled_event_attributes.signal_name}"
     if event.HasField("workflow_execution_update_accepted_event_attributes"):

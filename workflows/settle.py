@@ -119,8 +119,9 @@ class OperationSettler:
             while True:
                 try:
                     result = await attempt(report, summary)
-                except ActivityError as err:
-                    cause = err.cause
+                except FailureError as err:
+                    # (a local activity's failure comes unwrapped, not as an ActivityError)
+                    cause = err.cause if isinstance(err, ActivityError) else err
                     if isinstance(cause, ApplicationError) and cause.non_retryable:
                         return Settled("error", reason=f"{cause.type}: {cause.message}")
                     result = None  # our own fault outlasted the activity's retries: ask again

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
     import rules.types  # noqa: F401
     from activities.billing import BillingActivities
     from activities.messages import (
+        OVERFLOW,
         CarrierReport,
         ChargeInput,
         ChargeOutput,
@@ -538,6 +539,22 @@ class SubscriptionWorkflow:
 
         async def attempt(report: CarrierReport | None, summary: str) -> ChargeOutput:
             charge.reported = report
+            if self._input.local_charges:
+                # in this worker first (no queue round trip, half the history); a worker with
+                # no room for the carrier sends it to the carrier's queue
+                here: ChargeOutput = await workflow.execute_local_activity_method(
+                    BillingActivities.charge_subscription, charge,
+                    # (the key names the attempt in the history, where a local activity's
+                    # input is not kept)
+                    activity_id=charge.idempotency_key,
+                    start_to_close_timeout=CHARGE_TIMEOUT,
+                    schedule_to_close_timeout=CHARGE_SCHEDULE_TO_CLOSE,
+                    retry_policy=CHARGE_RETRY,
+                    # a fault of ours (the database away) is retried on durable timers, not
+                    # inside a workflow task held open meanwhile
+                    local_retry_threshold=timedelta(seconds=1), summary=summary)
+                if here.outcome != OVERFLOW:
+                    return here
             return await workflow.execute_activity_method(
                 BillingActivities.charge_subscription, charge,
                 task_queue=self._input.carrier_task_queue,

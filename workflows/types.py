@@ -153,6 +153,9 @@ class SubscriptionInput:
     # country, carrier and product rules (None: a plain timer, as before rules existed)
     rules: ChargingRules | None = None
     locale: str = "en"
+    # charges start as local activities in the workflow's worker (carriers/gate.py); fixed
+    # at the start, so a history always replays the path it took
+    local_charges: bool = False
 
 
 @dataclass
