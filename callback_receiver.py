@@ -47,7 +47,7 @@ class CallbackReceiver:
         self._registry = registry
         self._settings = settings
         self._sink = sink
-        self._relay = ReportRelay(client, engine, sink, settings.task_queue)
+        self._relay = ReportRelay(client, engine, sink, settings.task_queue, lane="callbacks")
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -105,7 +105,7 @@ async def run_receiver(settings: Settings) -> None:
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
                                   data_converter=codec.data_converter(settings))
     receiver = CallbackReceiver(client, default_registry(), settings,
-                                InteractionStore(engine).record, engine)
+                                InteractionStore(engine, lane="callbacks").record, engine)
     runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, settings.callback_host, settings.callback_port).start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -23,7 +24,7 @@ from activities.messages import LateSettlementInput
 from carriers.http import InteractionRecord, InteractionSink
 from carriers.reports import CarrierReport
 from models import operations as ops
-from models.db import in_db_thread
+from models.db import in_db_lane
 from models.tables import CarrierOperation, OperationState
 from workflows.late_settlement import LateSettlementWorkflow, late_settlement_id
 
@@ -32,9 +33,10 @@ log = logging.getLogger(__name__)
 
 class ReportRelay:
     def __init__(self, client: Client, engine: Engine, sink: InteractionSink,
-                 task_queue: str) -> None:
+                 task_queue: str, lane: str = "main") -> None:
         self._client = client
         self._engine = engine
+        self._lane = lane  # (models/db.py in_db_lane)
         self._sink = sink
         self._task_queue = task_queue
 
@@ -57,7 +59,7 @@ class ReportRelay:
         operation belongs to another carrier)."""
         if not report.carrier_id:  # receipts come on the carrier's own bound session
             report = replace(report, carrier_id=record.carrier_id)
-        operation = await in_db_thread(self._engine, self._bind, report)
+        operation = await in_db_lane(self._engine, self._lane, partial(self._bind, report))
         if operation is None:
             delivered = "unroutable"
         elif operation.carrier_id != report.carrier_id:

@@ -79,15 +79,17 @@ def migrate(url: str) -> None:
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
-_EXECUTORS: weakref.WeakKeyDictionary[Engine, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
+_EXECUTORS: weakref.WeakKeyDictionary[Engine, dict[str, ThreadPoolExecutor]] = \
+    weakref.WeakKeyDictionary()
 _EXECUTORS_LOCK = threading.Lock()
 # PostgreSQL: as many threads as the engine's pool lends connections (pool_size + max_overflow)
 _POSTGRES_THREADS = 30
 
 
-def _executor(engine: Engine) -> ThreadPoolExecutor:
+def _executor(engine: Engine, lane: str) -> ThreadPoolExecutor:
     with _EXECUTORS_LOCK:
-        executor = _EXECUTORS.get(engine)
+        lanes = _EXECUTORS.setdefault(engine, {})
+        executor = lanes.get(lane)
         if executor is None:
             # SQLite lets one connection write at a time, and threads that collide wait in its
             # busy handler, which sleeps in steps of up to 100 ms: under load those sleeps
@@ -96,8 +98,8 @@ def _executor(engine: Engine) -> ThreadPoolExecutor:
             sqlite = engine.dialect.name == "sqlite"
             executor = ThreadPoolExecutor(
                 max_workers=1 if sqlite else _POSTGRES_THREADS,
-                thread_name_prefix=f"db-{engine.dialect.name}")
-            _EXECUTORS[engine] = executor
+                thread_name_prefix=f"db-{engine.dialect.name}-{lane}")
+            lanes[lane] = executor
         return executor
 
 
@@ -105,6 +107,14 @@ async def in_db_thread(engine: Engine, call: Callable[_P, _T], *args: _P.args,
                        **kwargs: _P.kwargs) -> _T:
     """``call(*args, **kwargs)`` on ``engine``'s database thread(s), awaited without blocking the event
     loop (the caller's context variables go with it, as with ``asyncio.to_thread``)."""
+    return await in_db_lane(engine, "main", functools.partial(call, *args, **kwargs))
+
+
+async def in_db_lane(engine: Engine, lane: str, call: Callable[[], _T]) -> _T:
+    """``call()`` on ``engine``'s thread(s) of ``lane``. A service whose database calls may wait
+    on the worker's (the callback receiver, whose callbacks answer a carrier the worker's
+    activity is talking to) has a lane of its own, so neither ever waits on the other's
+    queue."""
     context = contextvars.copy_context()
     return await asyncio.get_running_loop().run_in_executor(
-        _executor(engine), functools.partial(context.run, call, *args, **kwargs))
+        _executor(engine, lane), functools.partial(context.run, call))

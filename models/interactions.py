@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from carriers.http import InteractionRecord
-from models.db import in_db_thread
+from models.db import in_db_lane, in_db_thread
 from models.tables import CarrierInteraction
 from traceability.documents import interaction_document
 from traceability.outbox import enqueue
@@ -75,12 +76,13 @@ async def held(engine: Engine) -> AsyncIterator[list[InteractionRecord]]:
 
 
 class InteractionStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, lane: str = "main") -> None:
         self._engine = engine
+        self._lane = lane
 
     async def record(self, record: InteractionRecord) -> None:
         holding = _HELD.get()
         if holding is not None and holding.takes():
             holding.records.append(record)
             return
-        await in_db_thread(self._engine, _write, self._engine, [record])
+        await in_db_lane(self._engine, self._lane, partial(_write, self._engine, [record]))

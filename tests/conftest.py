@@ -187,7 +187,7 @@ async def callback_receiver(
 ) -> AsyncIterator[CallbackReceiver]:
     """The real receiver on the port the adapters give carriers as their callback URL."""
     receiver = CallbackReceiver(temporal_env.client, default_registry(), settings,
-                                InteractionStore(engine).record, engine)
+                                InteractionStore(engine, lane="callbacks").record, engine)
     runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", settings.callback_port).start()

@@ -632,7 +632,7 @@ async def run(selected: list[RecordedPath]) -> None:
         adapters = make_adapter_pool(registry, settings, engine, env.client)
         stack.push_async_callback(adapters.aclose)
         receiver = CallbackReceiver(env.client, registry, settings,
-                                    InteractionStore(engine).record, engine)
+                                    InteractionStore(engine, lane="callbacks").record, engine)
         receiver_runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
         await receiver_runner.setup()
         stack.push_async_callback(receiver_runner.cleanup)
