@@ -66,7 +66,8 @@ def actions_of(events: Iterable[HistoryEvent]) -> Counter[str]:
     for event in events:
         if local_activity(event) is not None:
             local_tasks.add(event.marker_recorded_event_attributes.workflow_task_completed_event_id)
-    actions["local activities"] = len(local_tasks)
+    if local_tasks:
+        actions["local activities"] = len(local_tasks)
     for event in events:
         kind = BILLABLE.get(event.event_type)
         if kind:

@@ -224,8 +224,6 @@ def test_stored_history_holds_no_plain_msisdn_reference_or_amount(histories: His
     assert plain and all(".search_attributes.indexed_fields" in path
                          or path.startswith(sdk_records) for path in plain), plain
     sealed_kinds = {path.split(".")[1] for path, p in found if p.metadata["encoding"] == ENCODING}
-    assert ".marker_recorded_event_attributes.details[result].payloads" in {
-        path for path, p in found if p.metadata["encoding"] == ENCODING}
     assert {"workflow_execution_started_event_attributes", "activity_task_scheduled_event_attributes",
             "activity_task_completed_event_attributes", "activity_task_failed_event_attributes",
             "workflow_execution_signaled_event_attributes",
