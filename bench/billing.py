@@ -653,12 +653,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def run_bench(main: Callable[[argparse.Namespace, Stack], Awaitable[list[str]]],
+              args: argparse.Namespace, what: str) -> None:
+    """Runs one bench on its own stack within ``args.deadline``, then prints its figures
+    (exit status 1 when there are none)."""
     stack = Stack(DATA_DIR)
     lines: list[str] = []
     try:
-        lines = asyncio.run(bounded(main_async(args, stack), args.deadline, "the whole bench"))
+        lines = asyncio.run(bounded(main(args, stack), args.deadline, what))
     except KeyboardInterrupt:
         pass
     finally:
@@ -668,6 +670,10 @@ def main() -> None:
         print(text)
     if not lines:
         sys.exit(1)
+
+
+def main() -> None:
+    run_bench(main_async, parse_args(), "the whole bench")
 
 
 if __name__ == "__main__":

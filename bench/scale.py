@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -35,6 +34,7 @@ from bench.billing import (
     bounded,
     each,
     progress,
+    run_bench,
 )
 from bench.report import line, percentile, seconds_pair
 from carriers.numbers import sample_msisdn
@@ -177,18 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    stack = Stack(DATA_DIR)
-    lines: list[str] = []
-    try:
-        lines = asyncio.run(bounded(main_async(args, stack), args.deadline, "the scale run"))
-    finally:
-        stack.stop()
-    print()
-    for text in lines:
-        print(text)
-    if not lines:
-        sys.exit(1)
+    run_bench(main_async, parse_args(), "the scale run")
 
 
 if __name__ == "__main__":
