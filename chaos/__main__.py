@@ -1,4 +1,4 @@
-"""python -m chaos [--subscriptions N] [--seconds S] [--phases carriers,worker,...]
+"""python -m chaos [--subscriptions N] [--seconds S] [--phases ...] [--local-charges]
 
 Runs the chosen phases against a real stack started for the run and prints one table row per
 phase and exactly one closing line:
@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--local-charges", action="store_true",
+                        help="subscriptions start their charges as local activities "
+                             "(Settings.local_charges), overflowing to the carrier queues")
     args = parser.parse_args(argv)
     unknown = [p for p in args.phases.split(",") if p not in PHASES]
     if unknown:
@@ -94,7 +97,8 @@ async def run(args: argparse.Namespace, stack: ChaosStack) -> tuple[list[PhaseRe
     engine = sa.create_engine(normalize_url(stack.database_url), pool_pre_ping=True,
                               connect_args={"connect_timeout": 5})
     temporal = await asyncio.wait_for(Client.connect(stack.temporal_address), 30)
-    client = SubscriptionClient(temporal, engine, registry, "subscription-billing")
+    client = SubscriptionClient(temporal, engine, registry, "subscription-billing",
+                                local_charges=args.local_charges)
     config = Config(subscriptions=args.subscriptions, seconds=args.seconds,
                     quiesce_seconds=args.quiesce_seconds, seed=args.seed)
     ctx = Context(stack, client, engine, registry, config, random.Random(args.seed))

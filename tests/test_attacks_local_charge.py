@@ -471,9 +471,9 @@ async def test_a_cancelled_local_charge_keeps_the_record_of_what_it_sent(
     simulator: Simulator,
 ) -> None:
     """The carrier debits, then answers after 9.5 s. An operator cancels the workflow (the UI's
-    Cancel) meanwhile: the workflow cancels its local charge at its next task (~8 s), goes on
-    settling (a look-up) and books the charge. Money stays right; the exchange that moved it
-    must be on record."""
+    Cancel) meanwhile: the cancellation reaches the workflow at its next task (~8 s), the local
+    charge is left to finish, the charge is listed, looked up once and booked, and the workflow
+    ends. Money stays right; the exchange that moved it must be on record."""
     recorded = await _cancel_during_the_charge(temporal_env, settings, engine, simulator,
                                                local_call_share=0.5)
     if "charge" not in recorded:
@@ -486,8 +486,8 @@ async def test_a_cancelled_queued_charge_keeps_the_record_of_what_it_sent(
     simulator: Simulator,
 ) -> None:
     """The same cancel with the local path closed (local_call_share=0: every charge overflows
-    to the carrier's queue): the queued activity is not interrupted, so its exchange is on
-    record. The loss above comes with the local path."""
+    to the carrier's queue): the queued activity is not interrupted either, so its exchange is
+    on record."""
     recorded = await _cancel_during_the_charge(temporal_env, settings, engine, simulator,
                                                local_call_share=0.0)
     assert "charge" in recorded, recorded
@@ -513,9 +513,11 @@ async def _cancel_during_the_charge(env: WorkflowEnvironment, settings: Settings
         await eventually(lambda: run.calls.in_flight.get(CARRIER) == 0
                          and gates_of(run.group).of(CARRIER).in_flight == 0, 12)
         await asyncio.sleep(0.5)  # its exchange written after its answer
-        assert len(run.calls.of("charge")) == 1  # settled by a look-up, never resent
+        # booked by the charge's own answer, which the workflow waited for: never resent
+        assert len(run.calls.of("charge")) == 1
         assert [c[4] for c in run.calls.of("charge")] == [local_call_share > 0]
-        assert "status" in [c[1] for c in run.calls.log]
+        assert (await run.client.handle(sid).describe()).status == \
+            WorkflowExecutionStatus.CANCELED
         return [i.operation for i in interactions_of(engine, operation.idempotency_key)]
 
 
@@ -564,13 +566,6 @@ class LostCharge(AssertionError):
     """The carrier debited; the ledger does not say so and nothing lists it as unsettled."""
 
 
-@pytest.mark.xfail(strict=True, raises=LostCharge, reason=(
-    "PRE-EXISTING (not introduced by the local path): workflows/settle.py "
-    "OperationSettler.run waits on workflow.wait_condition between settling attempts and "
-    "lets a Temporal cancellation (the UI's Cancel, `temporal workflow cancel`) propagate: "
-    "the workflow ends CANCELED with the operation PENDING, the subscriber debited, no "
-    "ledger entry, and `starter.py unsettled` (operations.unsettled: UNSETTLED only) never "
-    "lists it"))
 async def test_a_temporal_cancel_while_a_charge_settles_leaves_it_listed(
     temporal_env: WorkflowEnvironment, settings: Settings, engine: Engine,
     simulator: Simulator,
@@ -603,6 +598,42 @@ async def test_a_temporal_cancel_while_a_charge_settles_leaves_it_listed(
             raise LostCharge(f"workflow {status}, operation {operation.state}, no ledger "
                              "entry, not listed as unsettled; the carrier debited")
 
+
+
+async def test_a_temporal_cancel_while_the_carrier_call_runs_lets_it_finish_and_books_it(
+    temporal_env: WorkflowEnvironment, settings: Settings, engine: Engine,
+    simulator: Simulator,
+) -> None:
+    """The carrier takes seconds to answer; an operator cancels the workflow in Temporal while
+    the local charge is in its call. The call outlasts the workflow task's heartbeat (8 s of
+    the default 10 s), so the cancellation reaches the workflow mid-call. Cancelling the call
+    would leave a debit whose answer no one reads: the call finishes, its debit is in the
+    ledger, then the workflow ends."""
+    registry = only(CARRIER, timeout_seconds=25.0)
+    async with own_worker(temporal_env, settings, engine, registry,
+                          carrier_timeout_seconds=25.0) as run:
+        request = one_off(CARRIER)
+        await simulator.fault(CARRIER, "latency", request.msisdn, delay_seconds=14.0)
+        sid = (await run.client.start_subscription(request)).subscription_id
+        await eventually(lambda: [o for o in operations_of(engine, sid)
+                                  if o.state == OperationState.SENDING], 10)
+        handle = run.client.handle(sid)
+        await handle.cancel()
+        for _ in range(300):
+            if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+                break
+            await asyncio.sleep(0.1)
+        assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+        [operation] = operations_of(engine, sid)
+        debits = await simulator.transactions(CARRIER, request.msisdn)
+        assert len(debits) == 1, (operation, interactions_of(engine, operation.idempotency_key))
+        [debit] = debits
+        [entry] = ledger_of(engine, sid)
+        assert entry.carrier_reference == debit["serverReferenceCode"]
+        operation = operations_of(engine, sid)[0]
+        assert operation.state == OperationState.SETTLED
+        assert operation.idempotency_key not in [
+            u.idempotency_key for u in await run.client.unsettled(CARRIER)]
 
 # -- 5. a worker killed, or cut off from the server, while its local charge is in flight -------
 

@@ -9,10 +9,15 @@ The activity returns every answer; this loop decides what happens next, on durab
   then settle by that result or a look-up. A cancel does not stop this, since money may have
   moved; the number of attempts and a deadline do: the operation is then *unsettled*, listed
   for operators, and a late result or reconciliation settles it.
+
+A Temporal cancellation (the UI's Cancel) ends the workflow, but not blind: the attempt in
+flight finishes first, and an operation with no final answer is listed as unsettled and looked
+up once (never sent again); what the look-up cannot settle stays listed for reconciliation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +30,12 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
-    from activities.messages import LateSettlementOutput, SettledNotice, UnsettledInput
+    from activities.messages import (
+        LateSettlementInput,
+        LateSettlementOutput,
+        SettledNotice,
+        UnsettledInput,
+    )
     from carriers.reports import CarrierReport
 
 
@@ -89,6 +99,8 @@ class OperationSettler:
         self._reports: dict[str, CarrierReport] = {}
         # a transient answer that is an operator's problem (credentials), while it lasts
         self.issue: str | None = None
+        # the answer of the attempt that was in flight when the workflow was cancelled
+        self._cancelled_with: HasOutcome | None = None
 
     def offer(self, report: CarrierReport) -> bool:
         if report.idempotency_key != self.awaiting:
@@ -99,6 +111,18 @@ class OperationSettler:
             return False
         self._reports[report.idempotency_key] = report
         return True
+
+    async def _finish_even_if_cancelled(self, call: Awaitable[R]) -> R:
+        """Awaits a carrier attempt to its end: cancelled halfway, it would leave an exchange
+        whose outcome the workflow never hears. A cancellation meanwhile is raised after it,
+        the attempt's answer kept for the caller."""
+        task = asyncio.ensure_future(call)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(FailureError):
+                self._cancelled_with = await task
+            raise
 
     async def run(
         self,
@@ -111,14 +135,16 @@ class OperationSettler:
         on_issue: Callable[[str | None], None] = lambda _issue: None,
     ) -> Settled[R]:
         self.awaiting, self.carrier_id = key, carrier_id
+        self._cancelled_with = None
         started = workflow.now()
         settles = transients = 0
         summary = first_summary
         report: CarrierReport | None = None
+        result: R | None = None
         try:
             while True:
                 try:
-                    result = await attempt(report, summary)
+                    result = await self._finish_even_if_cancelled(attempt(report, summary))
                 except FailureError as err:
                     # (a local activity's failure comes unwrapped, not as an ActivityError)
                     cause = err.cause if isinstance(err, ActivityError) else err
@@ -166,6 +192,15 @@ class OperationSettler:
                 report = self._reports.pop(key, None)
                 source = "reported result" if report else "status look-up"
                 summary = f"settle {key} by {source}"
+        except asyncio.CancelledError:
+            last: HasOutcome | None = self._cancelled_with or result
+            # (a transient answer: the carrier did nothing, so there is nothing to settle)
+            if last is None or last.outcome not in (*FINAL, "transient"):
+                late = await record_unsettled(key, "the workflow was cancelled in Temporal "
+                                                   "before the carrier's final answer")
+                if late is None or late.state != "settled":
+                    await look_up_once(key)
+            raise
         finally:
             self.awaiting = None
             self._reports.clear()
@@ -198,3 +233,18 @@ async def record_unsettled(key: str, reason: str) -> LateSettlementOutput | None
     except ActivityError as err:
         workflow.logger.error("could not list %s as unsettled: %s", key, err.cause)
         return None
+
+
+async def look_up_once(key: str) -> None:
+    """Settles a listed operation by one look-up (or a result pushed meanwhile), never a send;
+    bounded, so a workflow being cancelled still ends."""
+    try:
+        await workflow.execute_activity_method(
+            BillingActivities.settle_unsettled_operation, LateSettlementInput(key),
+            start_to_close_timeout=timedelta(seconds=60),
+            schedule_to_close_timeout=timedelta(minutes=3),
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30),
+                                     non_retryable_error_types=["ConfigurationError"]),
+            summary=f"look {key} up once before ending")
+    except ActivityError as err:
+        workflow.logger.warning("%s stays listed as unsettled: %s", key, err.cause)
