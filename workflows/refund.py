@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import timedelta
 
@@ -12,7 +13,12 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
     from activities.messages import CarrierReport, RefundInput, RefundOutput
-    from workflows.settle import OperationSettler, SettleBounds, record_unsettled
+    from workflows.settle import (
+        CANCEL_ENDS_LIKE_THE_UPDATE,
+        OperationSettler,
+        SettleBounds,
+        record_unsettled,
+    )
     from workflows.types import RefundRequestInput
 
 REFUND_RETRY = RetryPolicy(
@@ -35,8 +41,28 @@ class RefundWorkflow:
     def carrier_result(self, report: CarrierReport) -> None:
         self._settler.offer(report)
 
+    @workflow.signal(name="end_soon")
+    def end_soon(self) -> None:
+        """The subscription that asked for this refund is ending: stop waiting for the carrier
+        (the refund listed and looked up once) and return what happened."""
+        self._settler.end_soon()
+
     @workflow.run
     async def run(self, request: RefundRequestInput) -> RefundOutput:
+        """A Temporal cancellation never interrupts the refund: the attempt in flight
+        finishes, a refund with no final answer is listed and looked up once, and the workflow
+        returns what happened (its parent must hear of a refund that was made)."""
+        refunding = asyncio.ensure_future(self._refund(request))
+        try:
+            return await asyncio.shield(refunding)
+        except asyncio.CancelledError:
+            if not workflow.patched(CANCEL_ENDS_LIKE_THE_UPDATE):
+                refunding.cancel()
+                return await refunding
+            self._settler.end_soon()
+            return await refunding
+
+    async def _refund(self, request: RefundRequestInput) -> RefundOutput:
         if request.idempotency_key is None:
             raise ApplicationError("a refund needs its idempotency key",
                                             non_retryable=True)
@@ -71,7 +97,7 @@ class RefundWorkflow:
         # (asking for it again looks it up, and sends only where that is safe)
         reason = (f"refund owed, never accepted: {settled.reason}"
                   if settled.kind == "not_sent" else settled.reason)
-        late = await record_unsettled(key, reason)
+        late = await record_unsettled(key, reason, look_up=self._settler.ending)
         last = settled.result
         if late is not None and late.state == "settled" and late.outcome is not None:
             return RefundOutput(late.outcome, last.amount_minor if last else 0,

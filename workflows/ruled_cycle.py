@@ -15,14 +15,20 @@ The steps, each shown in the workflow's history and state:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.exceptions import (
+    ActivityError,
+    ChildWorkflowError,
+    FailureError,
+    WorkflowAlreadyStartedError,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.billing import BillingActivities
@@ -110,6 +116,16 @@ class RuledCycles:
         self._host = host
         # decisions not yet handed to a charge activity (which records them for the store)
         self._unrecorded: list[DecisionNote] = []
+        self._refunds_in_flight: set[workflow.ChildWorkflowHandle[Any, RefundOutput]] = set()
+        self._ending = False
+
+    async def end_refunds_soon(self) -> None:
+        """Asks each refund in flight, and any started from now on, to stop waiting for its
+        carrier (the refund listed and looked up once) and return what happened: the
+        subscription is ending."""
+        self._ending = True
+        for child in list(self._refunds_in_flight):
+            await _end_soon(child)
 
     # -- decisions shown to operators -----------------------------------------------------
 
@@ -607,9 +623,16 @@ class RuledCycles:
                 subscription.carrier_id, key, plan.settle_deadline_seconds,
                 subscription.carrier_task_queue, amount_minor, at_most)
             try:
-                return await workflow.execute_child_workflow(
+                child = await workflow.start_child_workflow(
                     RefundWorkflow.run, request, id=workflow_id,
                     static_summary=f"refund cycle {cycle}: {reason}")
+                self._refunds_in_flight.add(child)
+                if self._ending:
+                    await _end_soon(child)
+                try:
+                    return await child
+                finally:
+                    self._refunds_in_flight.discard(child)
             except WorkflowAlreadyStartedError:
                 # another refund holds this id (an operator's): the next key; the activity
                 # counts that one in flight, so the two never return more than was paid
@@ -618,3 +641,8 @@ class RuledCycles:
                 workflow.logger.error("refund of cycle %s failed: %s", cycle, err.cause or err)
                 return RefundOutput("failed", 0, plan.currency, message=str(err.cause))
 
+
+
+async def _end_soon(child: workflow.ChildWorkflowHandle[Any, RefundOutput]) -> None:
+    with contextlib.suppress(FailureError):  # it ended meanwhile
+        await child.signal(RefundWorkflow.end_soon)

@@ -10,14 +10,14 @@ The activity returns every answer; this loop decides what happens next, on durab
   moved; the number of attempts and a deadline do: the operation is then *unsettled*, listed
   for operators, and a late result or reconciliation settles it.
 
-A Temporal cancellation (the UI's Cancel) ends the workflow, but not blind: the attempt in
-flight finishes first, and an operation with no final answer is listed as unsettled and looked
-up once (never sent again); what the look-up cannot settle stays listed for reconciliation.
+A Temporal cancellation (the UI's Cancel) never interrupts this: the workflow catches it at
+its top and calls ``end_soon``. The attempt in flight finishes; a refusal is not sent again;
+an operation with no final answer stops waiting, is listed as unsettled and looked up once
+(never sent again), so the workflow ends in bounded time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +47,10 @@ MAX_TRANSIENT_ATTEMPTS = 200
 # (refused_by_rule: our own rule stopped the charge before anything was recorded or sent)
 # (nothing_left: a refund of "what is left" of a charge already wholly refunded: not sent)
 FINAL = ("succeeded", "insufficient_funds", "rejected", "refused_by_rule", "nothing_left")
+# (a workflow.patched id: histories recorded before it replay the older cancellation, which
+# reached whatever the workflow awaited)
+CANCEL_ENDS_LIKE_THE_UPDATE = "temporal-cancel-ends-like-the-cancel-update"
+ENDING = "the workflow was cancelled in Temporal before the carrier's final answer"
 
 
 class SettlementAbandoned(ApplicationError):
@@ -99,8 +103,11 @@ class OperationSettler:
         self._reports: dict[str, CarrierReport] = {}
         # a transient answer that is an operator's problem (credentials), while it lasts
         self.issue: str | None = None
-        # the answer of the attempt that was in flight when the workflow was cancelled
-        self._cancelled_with: HasOutcome | None = None
+        # the workflow is ending (a Temporal cancellation): stop waiting, list what is open
+        self.ending = False
+
+    def end_soon(self) -> None:
+        self.ending = True
 
     def offer(self, report: CarrierReport) -> bool:
         if report.idempotency_key != self.awaiting:
@@ -111,18 +118,6 @@ class OperationSettler:
             return False
         self._reports[report.idempotency_key] = report
         return True
-
-    async def _finish_even_if_cancelled(self, call: Awaitable[R]) -> R:
-        """Awaits a carrier attempt to its end: cancelled halfway, it would leave an exchange
-        whose outcome the workflow never hears. A cancellation meanwhile is raised after it,
-        the attempt's answer kept for the caller."""
-        task = asyncio.ensure_future(call)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            with contextlib.suppress(FailureError):
-                self._cancelled_with = await task
-            raise
 
     async def run(
         self,
@@ -135,16 +130,14 @@ class OperationSettler:
         on_issue: Callable[[str | None], None] = lambda _issue: None,
     ) -> Settled[R]:
         self.awaiting, self.carrier_id = key, carrier_id
-        self._cancelled_with = None
         started = workflow.now()
         settles = transients = 0
         summary = first_summary
         report: CarrierReport | None = None
-        result: R | None = None
         try:
             while True:
                 try:
-                    result = await self._finish_even_if_cancelled(attempt(report, summary))
+                    result = await attempt(report, summary)
                 except FailureError as err:
                     # (a local activity's failure comes unwrapped, not as an ActivityError)
                     cause = err.cause if isinstance(err, ActivityError) else err
@@ -159,7 +152,7 @@ class OperationSettler:
                     return Settled("final", result)
                 elapsed = (workflow.now() - started).total_seconds()
                 if result is not None and result.outcome == "transient":
-                    if stop_sending():
+                    if stop_sending() or self.ending:
                         return Settled("not_sent", result, "cancelled while the carrier refused")
                     budget = bounds.transient_limit_seconds - elapsed
                     if budget <= 0 or transients >= MAX_TRANSIENT_ATTEMPTS:
@@ -172,12 +165,15 @@ class OperationSettler:
                     transients += 1
                     with contextlib.suppress(TimeoutError):
                         await workflow.wait_condition(
-                            stop_sending, timeout=delay,
+                            lambda: stop_sending() or self.ending, timeout=delay,
                             timeout_summary=f"carrier refused; send again ({transients})")
-                    if stop_sending():
+                    if stop_sending() or self.ending:
                         return Settled("not_sent", result, "cancelled while the carrier refused")
                     summary, report = f"send {key} again ({transients})", None
                     continue
+                if self.ending:
+                    why = result.message if result is not None else "activity failed"
+                    return Settled("unsettled", result, f"{ENDING}: {why}")
                 limit = bounds.max_attempts or MAX_SETTLE_ATTEMPTS
                 if settles >= limit or elapsed >= bounds.deadline_seconds:
                     why = result.message if result is not None else "activity failed"
@@ -187,20 +183,14 @@ class OperationSettler:
                 settles += 1
                 with contextlib.suppress(TimeoutError):
                     await workflow.wait_condition(
-                        lambda: key in self._reports, timeout=delay,
+                        lambda: key in self._reports or self.ending, timeout=delay,
                         timeout_summary=f"wait for the carrier's result ({settles})")
+                if self.ending and key not in self._reports:
+                    why = result.message if result is not None else "activity failed"
+                    return Settled("unsettled", result, f"{ENDING}: {why}")
                 report = self._reports.pop(key, None)
                 source = "reported result" if report else "status look-up"
                 summary = f"settle {key} by {source}"
-        except asyncio.CancelledError:
-            last: HasOutcome | None = self._cancelled_with or result
-            # (a transient answer: the carrier did nothing, so there is nothing to settle)
-            if last is None or last.outcome not in (*FINAL, "transient"):
-                late = await record_unsettled(key, "the workflow was cancelled in Temporal "
-                                                   "before the carrier's final answer")
-                if late is None or late.state != "settled":
-                    await look_up_once(key)
-            raise
         finally:
             self.awaiting = None
             self._reports.clear()
@@ -219,10 +209,18 @@ async def tell_settled(workflow_id: str, notice: SettledNotice) -> None:
         pass  # that workflow has ended: the operation record is what counts
 
 
-async def record_unsettled(key: str, reason: str) -> LateSettlementOutput | None:
+async def record_unsettled(key: str, reason: str, look_up: bool = False
+                           ) -> LateSettlementOutput | None:
     """Lists an operation as unsettled (and applies a result its carrier pushed meanwhile).
     Bounded: if our own database stays away, the workflow goes on, its state and BillingIssue
-    still naming the operation."""
+    still naming the operation. ``look_up``: then asks the carrier once (a workflow ending)."""
+    listed = await _list_unsettled(key, reason)
+    if look_up and (listed is None or listed.state != "settled"):
+        return await _look_up_once(key) or listed
+    return listed
+
+
+async def _list_unsettled(key: str, reason: str) -> LateSettlementOutput | None:
     try:
         return await workflow.execute_activity_method(
             BillingActivities.record_unsettled_operation, UnsettledInput(key, reason),
@@ -235,11 +233,11 @@ async def record_unsettled(key: str, reason: str) -> LateSettlementOutput | None
         return None
 
 
-async def look_up_once(key: str) -> None:
-    """Settles a listed operation by one look-up (or a result pushed meanwhile), never a send;
-    bounded, so a workflow being cancelled still ends."""
+async def _look_up_once(key: str) -> LateSettlementOutput | None:
+    """Settles a listed operation by one look-up (or a result pushed meanwhile), never a
+    send; bounded, so an ending workflow still ends."""
     try:
-        await workflow.execute_activity_method(
+        return await workflow.execute_activity_method(
             BillingActivities.settle_unsettled_operation, LateSettlementInput(key),
             start_to_close_timeout=timedelta(seconds=60),
             schedule_to_close_timeout=timedelta(minutes=3),
@@ -248,3 +246,4 @@ async def look_up_once(key: str) -> None:
             summary=f"look {key} up once before ending")
     except ActivityError as err:
         workflow.logger.warning("%s stays listed as unsettled: %s", key, err.cause)
+        return None

@@ -32,7 +32,13 @@ with workflow.unsafe.imports_passed_through():
     from workflows import search_attributes as sa
     from workflows.ruled_cycle import RuledCycles
     from workflows.schedule import due_at
-    from workflows.settle import OperationSettler, SettleBounds, Settled, record_unsettled
+    from workflows.settle import (
+        CANCEL_ENDS_LIKE_THE_UPDATE,
+        OperationSettler,
+        SettleBounds,
+        Settled,
+        record_unsettled,
+    )
     from workflows.types import (
         BillingState,
         ChangePlanRequest,
@@ -317,6 +323,27 @@ class SubscriptionWorkflow:
 
     @workflow.run
     async def run(self, subscription: SubscriptionInput) -> BillingState:
+        """A Temporal cancellation (the UI's Cancel) ends the subscription as the cancel update
+        does, never by interrupting what is in flight: a charge's call finishes, a paid cycle
+        is delivered (or refunded), a charge with no final answer is listed and looked up once;
+        then the workflow closes as cancelled."""
+        billing = asyncio.ensure_future(self._bill(subscription))
+        try:
+            return await asyncio.shield(billing)
+        except asyncio.CancelledError:
+            if not workflow.patched(CANCEL_ENDS_LIKE_THE_UPDATE):
+                # (histories from before: the cancellation reached whatever billing awaited)
+                billing.cancel()
+                return await billing
+            workflow.logger.warning("cancelled in Temporal: ending as the cancel update does")
+            self._state.cancel_requested = True
+            self._settler.end_soon()
+            if self._input.rules is not None:
+                await self._cycles.end_refunds_soon()
+            await billing
+            raise
+
+    async def _bill(self, subscription: SubscriptionInput) -> BillingState:
         state = self._state
         cycles_this_run = 0
         if subscription.rules is not None and not await self._consent():
@@ -572,7 +599,7 @@ class SubscriptionWorkflow:
                                ) -> LateSettlementOutput | None:
         """Lists the charge as unsettled; a result the carrier pushed meanwhile settles it."""
         workflow.logger.warning("charge %s left unsettled: %s", key, reason)
-        late = await record_unsettled(key, reason)
+        late = await record_unsettled(key, reason, look_up=self._settler.ending)
         if late is not None and late.state == "settled":
             return late
         if configuration:
