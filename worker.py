@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
@@ -162,6 +164,24 @@ async def run_worker(settings: Settings) -> None:
         engine.dispose()
 
 
+def watch_gc_pauses(threshold_seconds: float = 0.05) -> None:
+    """Logs each garbage collection that stops the worker longer than the threshold: a
+    collection holds the GIL, so every charge in flight waits for it."""
+    began = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+            return
+        paused = time.perf_counter() - began[0]
+        if paused >= threshold_seconds:
+            logging.warning("garbage collection (generation %d) paused the worker %.0f ms, "
+                            "%d objects freed", info["generation"], paused * 1000,
+                            info["collected"])
+
+    gc.callbacks.append(on_gc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-concurrent-activities", type=int)
@@ -175,6 +195,7 @@ def main() -> None:
     # the event loop and the database thread hand the GIL to each other several times per
     # charge; a waiting thread takes it after this long (CPython's default: 5 ms)
     sys.setswitchinterval(settings.gil_switch_interval_seconds)
+    watch_gc_pauses()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # one line per bulk request is noise; failures still show
     logging.getLogger("opensearch").setLevel(logging.WARNING)

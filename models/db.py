@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _SETUP_LOCK_KEY = 7_270_001
@@ -118,3 +119,14 @@ async def in_db_lane(engine: Engine, lane: str, call: Callable[[], _T]) -> _T:
     context = contextvars.copy_context()
     return await asyncio.get_running_loop().run_in_executor(
         _executor(engine, lane), functools.partial(context.run, call))
+
+
+def insert_row(session: Session, row: Any) -> int:
+    """Inserts ``row`` (a table model, complete but for its id) with one Core INSERT in the
+    session's transaction and sets its id. The row stays outside the session: on the charge
+    path the ORM's unit of work cost more than the insert itself."""
+    table = type(row).__table__
+    values = {c.name: getattr(row, c.name) for c in table.columns if not c.primary_key}
+    result = session.execute(table.insert(), values)
+    row.id = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]
+    return int(row.id)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from carriers.http import InteractionRecord
-from models.db import in_db_lane, in_db_thread
+from models.db import in_db_lane, in_db_thread, insert_row
 from models.tables import CarrierInteraction
 from traceability.documents import interaction_document
 from traceability.outbox import enqueue
@@ -47,8 +47,7 @@ def add_interactions(session: Session, records: Sequence[InteractionRecord]) -> 
     commits."""
     for record in records:
         row = CarrierInteraction(**record.model_dump())
-        session.add(row)
-        session.flush()  # the row's id names its document
+        insert_row(session, row)  # the row's id names its document
         enqueue(session, interaction_document(session, row))
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from models.db import insert_row
 from models.tables import LedgerEntry, LedgerKind
 from traceability.documents import ledger_document
 from traceability.outbox import enqueue
@@ -31,9 +31,8 @@ def append(session: Session, entry: LedgerEntry, *, commit: bool = True) -> Ledg
     transaction, for the caller to commit with what must be written with them (append first:
     a repeated key, found at the flush, rolls the whole transaction back, as it does here,
     and the entry already written is returned)."""
-    session.add(entry)
     try:
-        session.flush()  # a repeated key fails here, before any document is queued
+        insert_row(session, entry)  # a repeated key fails here, before any document is queued
         enqueue(session, ledger_document(session, entry))
         if commit:
             session.commit()
@@ -50,8 +49,6 @@ def append(session: Session, entry: LedgerEntry, *, commit: bool = True) -> Ledg
                 f"{existing.kind} {existing.amount_minor} {existing.currency}"
             ) from None
         return existing
-    if sa.inspect(entry).unloaded:  # expired by the commit: read back
-        session.refresh(entry)
     return entry
 
 

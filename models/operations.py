@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from models.db import insert_row
 from models.tables import CarrierOperation, LedgerKind, OperationState, Subscription, utcnow
 
 
@@ -67,15 +68,14 @@ def reserve_found(session: Session, spec: OperationSpec,
             workflow_id=spec.workflow_id, subscription_id=spec.subscription_id, cycle=spec.cycle,
             amount_minor=spec.amount_minor, currency=spec.currency, due_at=spec.due_at,
             state=OperationState.SENDING, sends=1, last_sent_at=utcnow())
-        session.add(row)
         try:
+            insert_row(session, row)
             session.commit()
         except IntegrityError:  # another attempt reserved it first: it owns the send
             session.rollback()
             existing = find(session, spec.idempotency_key)
             assert existing is not None
             return Reservation(existing, False)
-        _loaded(session, row)
         return Reservation(row, True)
     if (existing.carrier_id, existing.amount_minor, existing.currency, existing.kind) != (
             spec.carrier_id, spec.amount_minor, spec.currency, spec.kind):
@@ -92,13 +92,6 @@ def reserve_found(session: Session, spec: OperationSpec,
         session.refresh(existing)
         return Reservation(existing, True)
     return Reservation(existing, False)
-
-
-def _loaded(session: Session, row: object) -> None:
-    """Reads ``row`` back only if the commit left any of its columns unknown (a session that
-    expires on commit): every value is set on our side before the INSERT, the id included."""
-    if sa.inspect(row).unloaded:
-        session.refresh(row)
 
 
 def claim_resend(session: Session, key: str, allowed_from: Sequence[OperationState],
