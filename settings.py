@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # workflows kept in memory between their tasks (a workflow not cached replays its history)
     max_cached_workflows: int = 2000
     gil_switch_interval_seconds: float = 0.001
+    # what the worker built at start (registry, catalogue, SQLAlchemy, the SDK) is moved out of
+    # the garbage collector's sight: its full collections, which stop every charge in flight,
+    # then scan only what changes (measured: pauses of 100-580 ms every ~20 s without it)
+    gc_freeze_after_start: bool = True
 
     opensearch_url: str | None = None
     # payload encryption (codec/): key id -> base64 AES key (16/24/32 bytes); new payloads use

@@ -147,6 +147,9 @@ async def run_worker(settings: Settings) -> None:
             engine, make_client(settings.opensearch_url)).run(stop))
             if settings.opensearch_url else None)
         async with build_worker(client, settings, engine, adapters, registry):
+            if settings.gc_freeze_after_start:
+                gc.collect()
+                gc.freeze()
             # each carrier's settlement report of the day before, compared with the ledger
             try:
                 await ensure_schedule(client, settings.task_queue, sorted(registry.carriers))
