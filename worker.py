@@ -198,6 +198,7 @@ def main() -> None:
     # the event loop and the database thread hand the GIL to each other several times per
     # charge; a waiting thread takes it after this long (CPython's default: 5 ms)
     sys.setswitchinterval(settings.gil_switch_interval_seconds)
+    gc.set_threshold(*settings.gc_thresholds)
     watch_gc_pauses()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # one line per bulk request is noise; failures still show
