@@ -154,8 +154,8 @@ class BillingActivities:
     # -- shared money path --------------------------------------------------------------------
 
     def _begin(self, spec: OperationSpec, subscriber_id: int | None,
-               guard: Callable[[Session, Subscriber], Refusal | None] | None = None
-               ) -> _Context | Refusal:
+               guard: Callable[[Session, Subscriber], Refusal | None] | None = None,
+               may_send: bool = True) -> _Context | Refusal:
         with Session(self._engine, expire_on_commit=False) as session:
             # read once: whether the key is new decides the guard, and the reservation
             # starts from it (a new key reserved meanwhile fails on its unique index)
@@ -184,7 +184,8 @@ class BillingActivities:
                 original = charge.carrier_reference if charge else None
             # documents written during the call and at its conclusion need not read them again
             remember_subscription(session, subscription, subscriber)
-            reservation = ops.reserve_found(session, spec, existing)
+            # (a settlement that never sends must not claim a refused operation for a resend)
+            reservation = ops.reserve_found(session, spec, existing, claim=may_send)
             remember_operation(session, reservation.operation)
             return _Context(msisdn, reservation.operation,
                             reservation.may_send and done is None, done, original)
@@ -308,7 +309,8 @@ class BillingActivities:
         with _configuration_errors():
             # a carrier we cannot call is found out before anything is recorded or sent
             adapter = self._adapters.get(spec.carrier_id)
-            context = await in_db_thread(self._engine, self._begin, spec, subscriber_id, guard)
+            context = await in_db_thread(self._engine, self._begin, spec, subscriber_id, guard,
+                                         may_send)
             if isinstance(context, Refusal):
                 return context
             operation = context.operation
@@ -460,9 +462,13 @@ class BillingActivities:
             subscription = session.get(Subscription, change.subscription_id)
             if subscription is None:
                 raise ConfigurationError(f"subscription {change.subscription_id} does not exist")
+            if subscription.status in ENDED and change.status not in ENDED:
+                # a retried write of a live status (a pause) landing after the end
+                log.warning("subscription %s has ended (%s): %s not written",
+                            change.subscription_id, subscription.status, change.status)
+                return
             subscription.status = SubscriptionStatus(change.status)
-            if change.status in (SubscriptionStatus.CANCELLED, SubscriptionStatus.COMPLETED,
-                                 SubscriptionStatus.OPT_IN_EXPIRED):
+            if change.status in ENDED:
                 subscription.ended_at = change.at
             session.add(subscription)
             session.commit()
@@ -696,6 +702,10 @@ def _subscription_and_subscriber(session: Session, subscription_id: int,
 def _aware(moment: datetime) -> datetime:
     """SQLite gives back naive datetimes for what was stored in UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+ENDED = (SubscriptionStatus.CANCELLED, SubscriptionStatus.COMPLETED,
+         SubscriptionStatus.OPT_IN_EXPIRED)
 
 
 def _workflow_id() -> str:

@@ -58,7 +58,7 @@ def reserve(session: Session, spec: OperationSpec) -> Reservation:
 
 
 def reserve_found(session: Session, spec: OperationSpec,
-                  existing: CarrierOperation | None) -> Reservation:
+                  existing: CarrierOperation | None, claim: bool = True) -> Reservation:
     """``reserve``, the operation under the key (or its absence) already read in ``session``
     (``find``). Read earlier or not, a second reservation of a new key still fails on the
     key's unique index and yields to the first."""
@@ -86,9 +86,9 @@ def reserve_found(session: Session, spec: OperationSpec,
     # happened at the carrier, so it may be sent again
     never_taken = not existing.ambiguous and not existing.carrier_reference \
         and existing.reported_outcome is None
-    if existing.state in (OperationState.RETRYABLE, OperationState.UNSETTLED) and never_taken \
-            and claim_resend(session, existing.idempotency_key, (OperationState(existing.state),),
-                             existing.sends):
+    if claim and existing.state in (OperationState.RETRYABLE, OperationState.UNSETTLED) \
+            and never_taken and claim_resend(session, existing.idempotency_key,
+                                             (OperationState(existing.state),), existing.sends):
         session.refresh(existing)
         return Reservation(existing, True)
     return Reservation(existing, False)

@@ -50,6 +50,9 @@ FINAL = ("succeeded", "insufficient_funds", "rejected", "refused_by_rule", "noth
 # (a workflow.patched id: histories recorded before it replay the older cancellation, which
 # reached whatever the workflow awaited)
 CANCEL_ENDS_LIKE_THE_UPDATE = "temporal-cancel-ends-like-the-cancel-update"
+# (a workflow.patched id: before it, work started by a late settlement while a run ended was
+# dropped with it)
+LATE_WORK_AWAITED_TO_THE_END = "late-work-awaited-to-the-end"
 ENDING = "the workflow was cancelled in Temporal before the carrier's final answer"
 
 

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.schedule import due_at
     from workflows.settle import (
         CANCEL_ENDS_LIKE_THE_UPDATE,
+        LATE_WORK_AWAITED_TO_THE_END,
         OperationSettler,
         SettleBounds,
         Settled,
@@ -327,6 +328,11 @@ class SubscriptionWorkflow:
         does, never by interrupting what is in flight: a charge's call finishes, a paid cycle
         is delivered (or refunded), a charge with no final answer is listed and looked up once;
         then the workflow closes as cancelled."""
+        if workflow.cancellation_reason() is not None \
+                and workflow.patched(CANCEL_ENDS_LIKE_THE_UPDATE):
+            # cancelled before this first task ran: nothing is charged
+            self._state.cancel_requested = True
+            self._settler.end_soon()
         billing = asyncio.ensure_future(self._bill(subscription))
         try:
             return await asyncio.shield(billing)
@@ -381,6 +387,14 @@ class SubscriptionWorkflow:
                     state.runs += 1
                     workflow.continue_as_new(replace(self._input, state=state))
         await self._record_cancellation()
+        if workflow.patched(LATE_WORK_AWAITED_TO_THE_END):
+            # a charge settled late while this run ends is still delivered (or refunded)
+            while True:
+                await self._finish_late_work()
+                await workflow.wait_condition(
+                    lambda: workflow.all_handlers_finished() or bool(self._late_work))
+                if not self._late_work:
+                    return state
         await self._finish_late_work()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return state
