@@ -42,7 +42,7 @@ bench: install
 
 # billing throughput against the number of billing worker processes, one pair each
 bench-curve: install
-	for n in 1 2 3; do $(BIN)/python -m bench.billing --workers $$n --pairs 1 --pairs-only \
+	for n in 1 2 3 4; do $(BIN)/python -m bench.billing --workers $$n --pairs 1 --pairs-only \
 		$(BENCH_ARGS) || exit 1; done
 
 # 10 000 subscriptions on one machine: memory, bytes per subscription, events per run
