@@ -30,8 +30,9 @@ test: install lint
 	# (in a process of their own: these attacks kill, partition and cancel workflows under
 	# workers of their own, and the time-skipping server they leave behind must not be the
 	# one the rest of the suite shares)
-	$(BIN)/pytest tests/test_attacks_local_charge.py tests/test_attacks_temporal_cancel.py \
-		tests/test_attacks_temporal_cancel_2.py
+	$(BIN)/pytest tests/test_attacks_local_charge.py tests/test_attacks_temporal_cancel.py
+	# (its waits time out on a server the attacks above have partitioned)
+	$(BIN)/pytest tests/test_attacks_temporal_cancel_2.py
 
 # the API manual from docstrings (docs/api/); fails on any warning, so CI catches staleness
 docs: install
