@@ -175,13 +175,11 @@ class OperationSettler:
                     summary, report = f"send {key} again ({transients})", None
                     continue
                 if self.ending:
-                    why = result.message if result is not None else "activity failed"
-                    return Settled("unsettled", result, f"{ENDING}: {why}")
+                    return _unsettled(result, ENDING)
                 limit = bounds.max_attempts or MAX_SETTLE_ATTEMPTS
                 if settles >= limit or elapsed >= bounds.deadline_seconds:
-                    why = result.message if result is not None else "activity failed"
-                    return Settled("unsettled", result,
-                                   f"no final answer after {settles} settling attempts: {why}")
+                    return _unsettled(
+                        result, f"no final answer after {settles} settling attempts")
                 delay = bounds.delays[min(settles, len(bounds.delays) - 1)]
                 settles += 1
                 with contextlib.suppress(TimeoutError):
@@ -189,8 +187,7 @@ class OperationSettler:
                         lambda: key in self._reports or self.ending, timeout=delay,
                         timeout_summary=f"wait for the carrier's result ({settles})")
                 if self.ending and key not in self._reports:
-                    why = result.message if result is not None else "activity failed"
-                    return Settled("unsettled", result, f"{ENDING}: {why}")
+                    return _unsettled(result, ENDING)
                 report = self._reports.pop(key, None)
                 source = "reported result" if report else "status look-up"
                 summary = f"settle {key} by {source}"
@@ -200,6 +197,12 @@ class OperationSettler:
             if self.issue is not None:
                 self.issue = None
                 on_issue(None)
+
+
+def _unsettled(result: R | None, because: str) -> Settled[R]:
+    """Given up without a final answer: the last answer, and why."""
+    why = result.message if result is not None else "activity failed"
+    return Settled("unsettled", result, f"{because}: {why}")
 
 
 async def tell_settled(workflow_id: str, notice: SettledNotice) -> None:
